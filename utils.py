@@ -1,0 +1,914 @@
+# Copyright (c) Facebook, Inc. and its affiliates.
+# Copyright 2026 the DINO for PyTorch authors
+#
+# Licensed under the Apache License, Version 2.0 (the "License");
+# you may not use this file except in compliance with the License.
+# You may obtain a copy of the License at
+#
+#     http://www.apache.org/licenses/LICENSE-2.0
+#
+# Unless required by applicable law or agreed to in writing, software
+# distributed under the License is distributed on an "AS IS" BASIS,
+# WITHOUT WARRANTIES OR CONDITIONS OF ANY KIND, either express or implied.
+# See the License for the specific language governing permissions and
+# limitations under the License.
+"""Helpers shared by training and evaluation.
+
+Sections: maths and model helpers; logging; devices, precision and process
+groups (the only place that knows about NPU/CUDA/CPU); checkpoints.
+"""
+import argparse
+import builtins
+import contextlib
+import datetime
+import importlib
+import math
+import os
+import random
+import subprocess
+import sys
+import time
+from collections import defaultdict, deque
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+from PIL import ImageFilter, ImageOps
+
+
+class UserError(Exception):
+    """A problem with the user's input: reported as one line, without a traceback."""
+
+
+def run_cli(main, *args):
+    """Runs `main`, turning UserError (and Ctrl-C) into a one-line message and exit code."""
+    try:
+        return main(*args)
+    except UserError as err:
+        prog = os.path.basename(sys.argv[0]) if sys.argv and sys.argv[0] else "dino"
+        msg = str(err).replace("\n", " ")
+        builtins.print(f"{prog}: error: {msg}", file=sys.stderr, flush=True)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        builtins.print("interrupted", file=sys.stderr, flush=True)
+        sys.exit(130)
+
+
+# ---------------------------------------------------------------------------
+# Maths and model helpers
+# ---------------------------------------------------------------------------
+
+def bool_flag(s):
+    """Parses boolean command-line values."""
+    falsy, truthy = {"off", "false", "0"}, {"on", "true", "1"}
+    if s.lower() in falsy:
+        return False
+    if s.lower() in truthy:
+        return True
+    raise argparse.ArgumentTypeError("invalid value for a boolean flag")
+
+
+@torch.no_grad()
+def trunc_normal_(tensor, mean=0., std=1., a=-2., b=2.):
+    """Normal(mean, std) truncated to [a, b], by inverse-CDF sampling (works on every torch version)."""
+    def norm_cdf(x):
+        return (1. + math.erf(x / math.sqrt(2.))) / 2.
+    lo, hi = norm_cdf((a - mean) / std), norm_cdf((b - mean) / std)
+    tensor.uniform_(2 * lo - 1, 2 * hi - 1)
+    tensor.erfinv_()
+    tensor.mul_(std * math.sqrt(2.)).add_(mean)
+    tensor.clamp_(min=a, max=b)
+    return tensor
+
+
+def fix_random_seeds(seed=31):
+    torch.manual_seed(seed)
+    np.random.seed(seed)
+    random.seed(seed)
+
+
+def cosine_scheduler(base_value, final_value, epochs, niter_per_ep, warmup_epochs=0, start_warmup_value=0):
+    """Per-iteration values: linear warm-up, then a half cosine from base_value to final_value."""
+    warmup_iters = warmup_epochs * niter_per_ep
+    warmup = np.linspace(start_warmup_value, base_value, warmup_iters) if warmup_iters > 0 else np.array([])
+    iters = np.arange(epochs * niter_per_ep - warmup_iters)
+    cosine = final_value + 0.5 * (base_value - final_value) * (1 + np.cos(np.pi * iters / len(iters)))
+    schedule = np.concatenate((warmup, cosine))
+    assert len(schedule) == epochs * niter_per_ep
+    return schedule
+
+
+class GaussianBlur(object):
+    """PIL Gaussian blur with a random radius, applied with probability p."""
+    def __init__(self, p=0.5, radius_min=0.1, radius_max=2.):
+        self.prob = p
+        self.radius_min = radius_min
+        self.radius_max = radius_max
+
+    def __call__(self, img):
+        if random.random() > self.prob:
+            return img
+        return img.filter(ImageFilter.GaussianBlur(radius=random.uniform(self.radius_min, self.radius_max)))
+
+
+class Solarization(object):
+    def __init__(self, p):
+        self.p = p
+
+    def __call__(self, img):
+        if random.random() < self.p:
+            return ImageOps.solarize(img)
+        return img
+
+
+class MultiCropWrapper(nn.Module):
+    """Runs the backbone once per run of consecutive crops of equal resolution, then the head once."""
+    def __init__(self, backbone, head):
+        super().__init__()
+        backbone.fc, backbone.head = nn.Identity(), nn.Identity()
+        self.backbone = backbone
+        self.head = head
+
+    def forward(self, x):
+        if not isinstance(x, (list, tuple)):
+            x = [x]
+        sizes = torch.tensor([inp.shape[-1] for inp in x])
+        ends = torch.cumsum(torch.unique_consecutive(sizes, return_counts=True)[1], 0).tolist()
+        outputs, start = [], 0
+        for end in ends:
+            out = self.backbone(torch.cat(x[start:end]))
+            if isinstance(out, tuple):  # XCiT-style backbones return (cls, patches)
+                out = out[0]
+            outputs.append(out)
+            start = end
+        return self.head(torch.cat(outputs))
+
+
+def get_params_groups(model):
+    regularized, not_regularized = [], []
+    for name, param in model.named_parameters():
+        if not param.requires_grad:
+            continue
+        # no weight decay on biases and norm parameters
+        if name.endswith(".bias") or len(param.shape) == 1:
+            not_regularized.append(param)
+        else:
+            regularized.append(param)
+    return [{'params': regularized}, {'params': not_regularized, 'weight_decay': 0.}]
+
+
+def has_batchnorms(model):
+    bn_types = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm)
+    return any(isinstance(m, bn_types) for m in model.modules())
+
+
+def clip_gradients(model, clip, fused=False):
+    """Clips each parameter's gradient to norm `clip` (per parameter, not global).
+
+    fused=False is the reference loop (one host sync per parameter) and returns
+    a list of floats; fused=True does the same maths in a few batched kernels
+    without any host sync and returns the norms as one tensor.
+    """
+    params = [p for p in model.parameters() if p.grad is not None]
+    if not fused:
+        norms = []
+        for p in params:
+            norm = p.grad.data.norm(2)
+            norms.append(norm.item())
+            coef = clip / (norm + 1e-6)
+            if coef < 1:
+                p.grad.data.mul_(coef)
+        return norms
+    if not params:
+        return torch.zeros(0)
+    grads = [p.grad for p in params]
+    norms = torch.stack(_foreach_norm(grads))
+    coefs = (clip / (norms + 1e-6)).clamp_(max=1.0)
+    _foreach_mul_tensors(grads, coefs)
+    return norms
+
+
+def _foreach_norm(tensors):
+    if hasattr(torch, "_foreach_norm"):
+        return list(torch._foreach_norm(tensors))
+    return [t.norm(2) for t in tensors]
+
+
+def _foreach_mul_tensors(tensors, scalars_tensor):
+    """tensors[i] *= scalars_tensor[i], without moving the scalars to the host."""
+    coefs = scalars_tensor.to(tensors[0].dtype).unbind(0)
+    if hasattr(torch, "_foreach_mul_"):
+        try:
+            torch._foreach_mul_(tensors, coefs)
+            return
+        except (RuntimeError, TypeError):  # older torch: no tensor-list overload
+            pass
+    for t, c in zip(tensors, coefs):
+        t.mul_(c)
+
+
+def cancel_gradients_last_layer(epoch, model, freeze_last_layer):
+    if epoch >= freeze_last_layer:
+        return
+    for name, p in model.named_parameters():
+        if "last_layer" in name:
+            p.grad = None
+
+
+class TeacherEMA(object):
+    """teacher = m * teacher + (1 - m) * student, over matching parameter lists.
+
+    fused=True uses the multi-tensor kernels (a handful of launches instead of
+    two per parameter); fused=False is the reference per-parameter loop.
+    """
+    def __init__(self, student, teacher, fused=True):
+        self.student_params = [p for p in student.parameters()]
+        self.teacher_params = [p for p in teacher.parameters()]
+        if len(self.student_params) != len(self.teacher_params):
+            raise ValueError("student and teacher have different parameter lists")
+        self.fused = fused and hasattr(torch, "_foreach_mul_")
+
+    @torch.no_grad()
+    def update(self, m):
+        if self.fused:
+            torch._foreach_mul_(self.teacher_params, m)
+            torch._foreach_add_(self.teacher_params, self.student_params, alpha=1 - m)
+        else:
+            for param_q, param_k in zip(self.student_params, self.teacher_params):
+                param_k.data.mul_(m).add_((1 - m) * param_q.detach().data)
+
+
+class LARS(torch.optim.Optimizer):
+    """LARS (no rate scaling or weight decay for biases and norms), for convnets with large batches."""
+    def __init__(self, params, lr=0, weight_decay=0, momentum=0.9, eta=0.001,
+                 weight_decay_filter=None, lars_adaptation_filter=None):
+        defaults = dict(lr=lr, weight_decay=weight_decay, momentum=momentum, eta=eta,
+                        weight_decay_filter=weight_decay_filter, lars_adaptation_filter=lars_adaptation_filter)
+        super().__init__(params, defaults)
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        for g in self.param_groups:
+            for p in g['params']:
+                dp = p.grad
+                if dp is None:
+                    continue
+                if p.ndim != 1:
+                    dp = dp.add(p, alpha=g['weight_decay'])
+                if p.ndim != 1:
+                    param_norm = torch.norm(p)
+                    update_norm = torch.norm(dp)
+                    one = torch.ones_like(param_norm)
+                    q = torch.where(param_norm > 0.,
+                                    torch.where(update_norm > 0, (g['eta'] * param_norm / update_norm), one), one)
+                    dp = dp.mul(q)
+                state = self.state[p]
+                if 'mu' not in state:
+                    state['mu'] = torch.zeros_like(p)
+                mu = state['mu']
+                mu.mul_(g['momentum']).add_(dp)
+                p.add_(mu, alpha=-g['lr'])
+
+
+# ---------------------------------------------------------------------------
+# Logging
+# ---------------------------------------------------------------------------
+
+class SmoothedValue(object):
+    """Tracks a series of values; gives smoothed values over a window or the global average."""
+    def __init__(self, window_size=20, fmt=None):
+        self.deque = deque(maxlen=window_size)
+        self.total = 0.0
+        self.count = 0
+        self.fmt = fmt or "{median:.6f} ({global_avg:.6f})"
+
+    def update(self, value, n=1):
+        self.deque.append(value)
+        self.count += n
+        self.total += value * n
+
+    def synchronize_between_processes(self):
+        if not is_dist_avail_and_initialized():
+            return
+        t = torch.tensor([self.count, self.total], dtype=torch.float64, device=collective_device())
+        dist.all_reduce(t)
+        self.count, self.total = int(t[0].item()), t[1].item()
+
+    @property
+    def median(self):
+        return float(np.median(list(self.deque))) if self.deque else 0.0
+
+    @property
+    def avg(self):
+        return float(np.mean(list(self.deque))) if self.deque else 0.0
+
+    @property
+    def global_avg(self):
+        return self.total / max(self.count, 1)
+
+    @property
+    def max(self):
+        return max(self.deque) if self.deque else 0.0
+
+    @property
+    def value(self):
+        return self.deque[-1] if self.deque else 0.0
+
+    def __str__(self):
+        return self.fmt.format(median=self.median, avg=self.avg, global_avg=self.global_avg,
+                               max=self.max, value=self.value)
+
+
+class MetricLogger(object):
+    """The reference's metric logger; tensor values are kept on the device and read in one batch at print time."""
+    def __init__(self, delimiter="\t", max_memory_fn=None):
+        self.meters = defaultdict(SmoothedValue)
+        self.delimiter = delimiter
+        self.max_memory_fn = max_memory_fn
+        self._pending = []
+
+    def update(self, **kwargs):
+        for k, v in kwargs.items():
+            if torch.is_tensor(v):
+                self.meters[k]  # keeps the meters in the order they were first updated
+                self._pending.append((k, v.detach().reshape(())))
+            else:
+                self.meters[k].update(float(v))
+
+    def flush(self):
+        """Reads pending device values with a single host sync."""
+        if not self._pending:
+            return
+        names = [k for k, _ in self._pending]
+        values = torch.stack([v.float() for _, v in self._pending]).tolist()
+        self._pending = []
+        for k, v in zip(names, values):
+            self.meters[k].update(v)
+
+    def __getattr__(self, attr):
+        if attr in ("meters", "_pending"):
+            raise AttributeError(attr)
+        if attr in self.meters:
+            self.flush()
+            return self.meters[attr]
+        raise AttributeError("'{}' object has no attribute '{}'".format(type(self).__name__, attr))
+
+    def __str__(self):
+        self.flush()
+        return self.delimiter.join("{}: {}".format(name, str(meter)) for name, meter in self.meters.items())
+
+    def synchronize_between_processes(self):
+        self.flush()
+        for meter in self.meters.values():
+            meter.synchronize_between_processes()
+
+    def add_meter(self, name, meter):
+        self.meters[name] = meter
+
+    def log_every(self, iterable, print_freq, header=None, total=None, start_index=0):
+        """Yields from `iterable`, printing progress every `print_freq` iterations in the reference's format."""
+        header = header or ''
+        total = len(iterable) + start_index if total is None else total
+        start_time = end = time.time()
+        iter_time = SmoothedValue(fmt='{avg:.6f}')
+        data_time = SmoothedValue(fmt='{avg:.6f}')
+        space_fmt = ':' + str(len(str(total))) + 'd'
+        parts = [header, '[{0' + space_fmt + '}/{1}]', 'eta: {eta}', '{meters}', 'time: {time}', 'data: {data}']
+        if self.max_memory_fn is not None:
+            parts.append('max mem: {memory:.0f}')
+        log_msg = self.delimiter.join(parts)
+        i = start_index
+        for obj in iterable:
+            data_time.update(time.time() - end)
+            yield obj
+            iter_time.update(time.time() - end)
+            if i % print_freq == 0 or i == total - 1:
+                eta = str(datetime.timedelta(seconds=int(iter_time.global_avg * (total - i))))
+                fields = dict(eta=eta, meters=str(self), time=str(iter_time), data=str(data_time))
+                if self.max_memory_fn is not None:
+                    fields["memory"] = self.max_memory_fn()
+                print(log_msg.format(i, total, **fields))
+            i += 1
+            end = time.time()
+        done = max(i - start_index, 1)
+        total_time = time.time() - start_time
+        print('{} Total time: {} ({:.6f} s / it)'.format(
+            header, str(datetime.timedelta(seconds=int(total_time))), total_time / done))
+
+
+def get_sha():
+    here = os.path.dirname(os.path.abspath(__file__))
+
+    def _run(command):
+        return subprocess.check_output(command, cwd=here, stderr=subprocess.DEVNULL).decode('ascii').strip()
+    try:
+        sha = _run(['git', 'rev-parse', 'HEAD'])
+        diff = "has uncommitted changes" if _run(['git', 'diff-index', 'HEAD']) else "clean"
+        branch = _run(['git', 'rev-parse', '--abbrev-ref', 'HEAD'])
+        return f"sha: {sha}, status: {diff}, branch: {branch}"
+    except Exception:
+        return "sha: N/A, status: clean, branch: N/A"
+
+
+# ---------------------------------------------------------------------------
+# Devices, precision and process groups. Nothing outside this section names a
+# device type; everything goes through Accelerator and Precision.
+# ---------------------------------------------------------------------------
+
+DEVICE_CHOICES = ("auto", "npu", "cuda", "cpu")
+
+
+def _import_optional(name):
+    try:
+        return importlib.import_module(name)
+    except Exception:  # any failure (missing driver, ABI mismatch) means "not usable"
+        return None
+
+
+def npu_available():
+    torch_npu = _import_optional("torch_npu")
+    if torch_npu is None or not hasattr(torch, "npu"):
+        return False
+    try:
+        return torch.npu.is_available() and torch.npu.device_count() > 0
+    except Exception:
+        return False
+
+
+def cuda_available():
+    return torch.cuda.is_available() and torch.cuda.device_count() > 0
+
+
+def apex_amp_available():
+    """Ascend's apex (amp with combine_grad, NpuFusedAdamW); PyPI's 'apex' is unrelated and has no amp."""
+    apex = _import_optional("apex")
+    return apex is not None and _import_optional("apex.amp") is not None
+
+
+def resolve_device_kind(requested, has_npu, has_cuda):
+    """auto picks npu, then cuda, then cpu; an explicit request for a missing device is an error."""
+    if requested not in DEVICE_CHOICES:
+        raise UserError(f"unknown --device {requested!r}; choose one of {', '.join(DEVICE_CHOICES)}")
+    if requested == "auto":
+        return "npu" if has_npu else "cuda" if has_cuda else "cpu"
+    if requested == "npu" and not has_npu:
+        raise UserError("--device npu was asked for, but torch_npu is not importable or sees no NPU")
+    if requested == "cuda" and not has_cuda:
+        raise UserError("--device cuda was asked for, but torch sees no CUDA device")
+    return requested
+
+
+class Accelerator(object):
+    """The device a process computes on, and how to move things there."""
+    def __init__(self, kind, index=0):
+        self.kind = kind
+        self.index = index
+        self.device = torch.device(kind, index) if kind != "cpu" else torch.device("cpu")
+        if kind == "cuda":
+            torch.cuda.set_device(self.device)
+            torch.backends.cudnn.benchmark = True
+            torch.backends.cuda.matmul.allow_tf32 = False  # fp32 means fp32, as the reference
+        elif kind == "npu":
+            torch.npu.set_device(self.device)
+
+    @classmethod
+    def create(cls, requested="auto", local_rank=0):
+        if requested == "auto":
+            has_npu, has_cuda = npu_available(), cuda_available()
+        else:
+            has_npu = npu_available() if requested == "npu" else False
+            has_cuda = cuda_available() if requested == "cuda" else False
+        kind = resolve_device_kind(requested, has_npu, has_cuda)
+        return cls(kind, local_rank if kind != "cpu" else 0)
+
+    @property
+    def dist_backend(self):
+        return {"npu": "hccl", "cuda": "nccl", "cpu": "gloo"}[self.kind]
+
+    @property
+    def pin_memory(self):
+        return self.kind != "cpu"
+
+    @property
+    def ddp_device_ids(self):
+        return None if self.kind == "cpu" else [self.index]
+
+    def to(self, obj, non_blocking=True):
+        if isinstance(obj, nn.Module):
+            return obj.to(self.device)
+        return obj.to(self.device, non_blocking=non_blocking and self.kind != "cpu")
+
+    def synchronize(self):
+        if self.kind == "cuda":
+            torch.cuda.synchronize(self.device)
+        elif self.kind == "npu":
+            torch.npu.synchronize()
+
+    def max_memory_mb(self):
+        if self.kind == "cuda":
+            return torch.cuda.max_memory_allocated(self.device) / (1024 ** 2)
+        if self.kind == "npu":
+            return torch.npu.max_memory_allocated() / (1024 ** 2)
+        return None
+
+    def reset_peak_memory(self):
+        if self.kind == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
+        elif self.kind == "npu":
+            torch.npu.reset_peak_memory_stats()
+
+    def manual_seed(self, seed):
+        if self.kind == "cuda":
+            torch.cuda.manual_seed_all(seed)
+        elif self.kind == "npu":
+            torch.npu.manual_seed_all(seed)
+
+    def get_rng_state(self):
+        if self.kind == "cuda":
+            return torch.cuda.get_rng_state(self.device)
+        if self.kind == "npu":
+            return torch.npu.get_rng_state()
+        return None
+
+    def set_rng_state(self, state):
+        if state is None:
+            return
+        if self.kind == "cuda":
+            torch.cuda.set_rng_state(state.cpu(), self.device)
+        elif self.kind == "npu":
+            torch.npu.set_rng_state(state.cpu())
+
+    def set_binary_mode(self, enabled):
+        """Ascend's --bin: precompiled ('binary') operators instead of online compilation."""
+        if self.kind == "npu" and hasattr(torch.npu, "set_compile_mode"):
+            torch.npu.set_compile_mode(jit_compile=not enabled)
+
+    def describe(self):
+        if self.kind == "cuda":
+            return f"cuda:{self.index} ({torch.cuda.get_device_name(self.device)})"
+        return str(self.device)
+
+
+def resolve_precision_mode(kind, amp=False, use_fp16=False, apex_available=False, bf16_supported=True):
+    """What --amp and --use_fp16 mean on each device (the README's table).
+
+    npu:  --amp -> apex O1 (native fp16 autocast + loss scaling without apex);
+          --use_fp16 -> native fp16 autocast + loss scaling.
+    cuda: --amp -> bf16 autocast (fp16 + scaling on GPUs without bf16);
+          --use_fp16 -> fp16 autocast + loss scaling (the reference's default).
+    cpu:  --amp -> bf16 autocast; --use_fp16 is ignored (no fp16 speed-up on CPUs).
+    """
+    if kind == "npu":
+        if amp:
+            return "apex_o1" if apex_available else "fp16"
+        return "fp16" if use_fp16 else "fp32"
+    if kind == "cuda":
+        if amp:
+            return "bf16" if bf16_supported else "fp16"
+        return "fp16" if use_fp16 else "fp32"
+    return "bf16" if amp else "fp32"
+
+
+class Precision(object):
+    """Autocast, loss scaling and the optimizer step for one precision mode."""
+    def __init__(self, mode, accelerator):
+        self.mode = mode
+        self.accel = accelerator
+        self.scaler = None
+        self.apex_amp = None
+        if mode == "fp16":
+            self.scaler = _make_grad_scaler(accelerator.kind)
+        elif mode == "apex_o1":
+            self.apex_amp = importlib.import_module("apex.amp")
+
+    @property
+    def autocast_dtype(self):
+        return {"fp16": torch.float16, "bf16": torch.bfloat16}.get(self.mode)
+
+    def autocast(self):
+        dtype = self.autocast_dtype
+        if dtype is None:  # fp32, or apex (which patches functions itself)
+            return contextlib.nullcontext()
+        return torch.autocast(device_type=self.accel.kind, dtype=dtype)
+
+    def initialize(self, models, optimizer):
+        """apex O1 wraps the models and optimizer; other modes leave them as they are."""
+        if self.mode != "apex_o1":
+            return models, optimizer
+        models, optimizer = self.apex_amp.initialize(models, optimizer, opt_level="O1", loss_scale="dynamic",
+                                                     combine_grad=True)
+        return models, optimizer
+
+    def backward(self, loss, optimizer):
+        if self.scaler is not None:
+            self.scaler.scale(loss).backward()
+        elif self.apex_amp is not None:
+            with self.apex_amp.scale_loss(loss, optimizer) as scaled_loss:
+                scaled_loss.backward()
+        else:
+            loss.backward()
+
+    def unscale_(self, optimizer):
+        """Makes .grad hold true gradients (needed before clipping)."""
+        if self.scaler is not None:
+            self.scaler.unscale_(optimizer)
+
+    def step(self, optimizer):
+        if self.scaler is not None:
+            self.scaler.step(optimizer)
+            self.scaler.update()
+        else:
+            optimizer.step()
+
+    def state_dict(self):
+        if self.scaler is not None:
+            return self.scaler.state_dict()
+        if self.apex_amp is not None:
+            return self.apex_amp.state_dict()
+        return None
+
+    def load_state_dict(self, state):
+        if state is None:
+            return
+        if self.scaler is not None:
+            self.scaler.load_state_dict(state)
+        elif self.apex_amp is not None:
+            self.apex_amp.load_state_dict(state)
+
+
+def _make_grad_scaler(kind):
+    if hasattr(torch, "amp") and hasattr(torch.amp, "GradScaler"):
+        try:
+            return torch.amp.GradScaler(kind)
+        except (TypeError, RuntimeError):
+            pass
+    if kind == "npu":
+        return torch.npu.amp.GradScaler()
+    return torch.cuda.amp.GradScaler()
+
+
+def build_optimizer(name, params_groups, accelerator):
+    """adamw uses the fastest exact AdamW kernel of the device; npufusedadamw is Ascend apex's."""
+    if name == "npufusedadamw":
+        if accelerator.kind == "npu" and apex_amp_available():
+            from apex.optimizers import NpuFusedAdamW
+            return NpuFusedAdamW(params_groups)
+        print("NpuFusedAdamW needs an NPU and Ascend apex; using torch AdamW instead.")
+        name = "adamw"
+    if name == "adamw":
+        if accelerator.kind == "cuda":
+            try:
+                return torch.optim.AdamW(params_groups, fused=True)
+            except (TypeError, RuntimeError):
+                pass
+        try:
+            return torch.optim.AdamW(params_groups, foreach=True)
+        except TypeError:
+            return torch.optim.AdamW(params_groups)
+    if name == "sgd":
+        return torch.optim.SGD(params_groups, lr=0, momentum=0.9)  # lr is set by the scheduler
+    if name == "lars":
+        return LARS(params_groups)
+    raise UserError(f"unknown optimizer {name!r}")
+
+
+def is_dist_avail_and_initialized():
+    return dist.is_available() and dist.is_initialized()
+
+
+def get_world_size():
+    return dist.get_world_size() if is_dist_avail_and_initialized() else 1
+
+
+def get_rank():
+    return dist.get_rank() if is_dist_avail_and_initialized() else 0
+
+
+def is_main_process():
+    return get_rank() == 0
+
+
+_COLLECTIVE_DEVICE = torch.device("cpu")
+
+
+def collective_device():
+    """gloo reduces CPU tensors; nccl and hccl need device tensors."""
+    return _COLLECTIVE_DEVICE
+
+
+def all_reduce_sum(tensor):
+    if is_dist_avail_and_initialized():
+        dist.all_reduce(tensor)
+    return tensor
+
+
+def setup_for_distributed(is_master):
+    """Silences print on non-master processes unless print(..., force=True)."""
+    builtin_print = getattr(builtins, "_dino_original_print", builtins.print)
+    builtins._dino_original_print = builtin_print
+
+    def print(*args, **kwargs):
+        force = kwargs.pop('force', False)
+        if is_master or force:
+            builtin_print(*args, **kwargs)
+    builtins.print = print
+
+
+def _slurm_master_addr():
+    nodelist = os.environ.get("SLURM_JOB_NODELIST") or os.environ.get("SLURM_NODELIST")
+    if not nodelist:
+        return "127.0.0.1"
+    try:
+        out = subprocess.check_output(["scontrol", "show", "hostnames", nodelist], stderr=subprocess.DEVNULL)
+        return out.decode().split()[0]
+    except Exception:
+        return nodelist.split(",")[0].split("[")[0]
+
+
+def distributed_env(environ=None):
+    """(rank, world_size, local_rank) from torchrun/launch variables, SLURM, or a lone process."""
+    env = os.environ if environ is None else environ
+    if "RANK" in env and "WORLD_SIZE" in env:
+        rank, world = int(env["RANK"]), int(env["WORLD_SIZE"])
+        local = int(env.get("LOCAL_RANK", rank))
+        return rank, world, local
+    if "SLURM_PROCID" in env and int(env.get("SLURM_NTASKS", "1")) > 1:
+        return int(env["SLURM_PROCID"]), int(env["SLURM_NTASKS"]), int(env.get("SLURM_LOCALID", 0))
+    return 0, 1, 0
+
+
+def init_distributed_mode(args):
+    """Sets args.rank/world_size/gpu, picks the device, joins the process group; returns the Accelerator.
+
+    A lone process (no launcher) needs no process group and no port.
+    """
+    rank, world_size, local_rank = distributed_env()
+    args.rank, args.world_size, args.gpu = rank, world_size, local_rank
+    accel = Accelerator.create(getattr(args, "device", "auto"), local_rank)
+    if world_size > 1:
+        if "SLURM_PROCID" in os.environ and "RANK" not in os.environ:
+            os.environ.setdefault("MASTER_ADDR", _slurm_master_addr())
+            os.environ.setdefault("MASTER_PORT", "29500")
+        timeout = datetime.timedelta(seconds=getattr(args, "dist_timeout", 1800))
+        dist.init_process_group(backend=accel.dist_backend, init_method=getattr(args, "dist_url", "env://"),
+                                world_size=world_size, rank=rank, timeout=timeout)
+        global _COLLECTIVE_DEVICE
+        _COLLECTIVE_DEVICE = accel.device
+        dist.barrier()
+    print(f'| distributed init (rank {rank}/{world_size}): {accel.describe()}', flush=True)
+    setup_for_distributed(rank == 0)
+    return accel
+
+
+def cleanup_distributed():
+    if is_dist_avail_and_initialized():
+        dist.destroy_process_group()
+
+
+# ---------------------------------------------------------------------------
+# Checkpoints
+# ---------------------------------------------------------------------------
+
+def _safe_globals():
+    """Types that reference checkpoints pickle besides tensors: the argparse Namespace and numpy scalars."""
+    allowed = [argparse.Namespace, np.dtype, np.ndarray]
+    try:
+        from numpy.core.multiarray import scalar, _reconstruct
+    except ImportError:
+        scalar = _reconstruct = None
+    try:
+        from numpy._core.multiarray import scalar as scalar2, _reconstruct as reconstruct2
+        allowed += [scalar2, reconstruct2]
+    except ImportError:
+        pass
+    allowed += [x for x in (scalar, _reconstruct) if x is not None]
+    allowed += [type(np.dtype(t)) for t in ("float64", "float32", "int64", "int32", "bool")]
+    return allowed
+
+
+def load_checkpoint_file(path, map_location="cpu"):
+    """Loads a checkpoint without executing code from it (weights_only with an allow-list).
+
+    Raises UserError for a missing, truncated, corrupt or unsafe file.
+    """
+    if not os.path.isfile(path):
+        raise UserError(f"checkpoint not found: {path}")
+    add = getattr(torch.serialization, "safe_globals", None)
+    ctx = add(_safe_globals()) if add is not None else contextlib.nullcontext()
+    try:
+        with ctx:
+            return torch.load(path, map_location=map_location, weights_only=True)
+    except TypeError as err:
+        if "weights_only" in str(err):
+            raise UserError(f"loading {path} safely needs torch >= 1.13 (weights_only)") from err
+        raise UserError(f"{path} is not a readable checkpoint: {err}") from err
+    except Exception as err:  # the pickle error types differ between torch versions
+        text = str(err).splitlines()[0] if str(err) else type(err).__name__
+        if "weights_only" in str(err) or "Unsupported global" in str(err) or "GLOBAL" in str(err):
+            raise UserError(f"refusing to load {path}: it asks to run code or build objects that are not "
+                            f"plain tensors and numbers ({text})") from err
+        raise UserError(f"{path} is not a readable checkpoint (truncated or corrupt?): {text}") from err
+
+
+def save_atomic(obj, path):
+    """Writes to a temporary file in the same folder, fsyncs, then renames over `path`.
+
+    A crash or a full disk during the save leaves the previous file intact.
+    """
+    folder = os.path.dirname(os.path.abspath(path))
+    tmp = os.path.join(folder, f".{os.path.basename(path)}.tmp.{os.getpid()}")
+    try:
+        with open(tmp, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except OSError as err:
+        with contextlib.suppress(OSError):
+            os.remove(tmp)
+        raise UserError(f"could not write checkpoint {path}: {err.strerror or err}; "
+                        f"the previous checkpoint (if any) is intact") from err
+    with contextlib.suppress(OSError):  # make the rename itself durable
+        fd = os.open(folder, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def save_on_master(obj, path):
+    if is_main_process():
+        save_atomic(obj, path)
+
+
+def strip_prefixes(state_dict, prefixes=("module.", "backbone.")):
+    """Removes the given prefixes, each only where a key starts with it, in order."""
+    out = {}
+    for k, v in state_dict.items():
+        for prefix in prefixes:
+            if k.startswith(prefix):
+                k = k[len(prefix):]
+        out[k] = v
+    return out
+
+
+def restart_from_checkpoint(ckp_path, run_variables=None, **kwargs):
+    """The reference's resume helper: loads each named entry into the given object."""
+    if not os.path.isfile(ckp_path):
+        return
+    print("Found checkpoint at {}".format(ckp_path))
+    checkpoint = load_checkpoint_file(ckp_path)
+    for key, value in kwargs.items():
+        if key in checkpoint and value is not None:
+            try:
+                msg = value.load_state_dict(checkpoint[key], strict=False)
+            except TypeError:
+                msg = value.load_state_dict(checkpoint[key])
+            print("=> loaded '{}' from checkpoint '{}' with msg {}".format(key, ckp_path, msg))
+        else:
+            print("=> key '{}' not found in checkpoint: '{}'".format(key, ckp_path))
+    if run_variables is not None:
+        for var_name in run_variables:
+            if var_name in checkpoint:
+                run_variables[var_name] = checkpoint[var_name]
+
+
+def load_pretrained_weights(model, pretrained_weights, checkpoint_key, model_name=None, patch_size=None,
+                            strict=True):
+    """Loads a backbone from a training checkpoint or released weights; never downloads anything.
+
+    Keys lose their 'module.' and 'backbone.' prefixes; head keys are ignored.
+    """
+    if not pretrained_weights:
+        raise UserError("no --pretrained_weights given (pass a file, or ask for random weights explicitly)")
+    state = load_checkpoint_file(pretrained_weights)
+    if checkpoint_key is not None and isinstance(state, dict) and checkpoint_key in state:
+        print(f"Take key {checkpoint_key} in provided checkpoint dict")
+        state = state[checkpoint_key]
+    elif isinstance(state, dict) and any(k in state for k in ("teacher", "student")) and checkpoint_key:
+        raise UserError(f"{pretrained_weights} has no key {checkpoint_key!r} "
+                        f"(it has: {', '.join(sorted(k for k in state if isinstance(k, str)))})")
+    if not isinstance(state, dict) or not state or not all(torch.is_tensor(v) for v in state.values()):
+        raise UserError(f"{pretrained_weights} does not hold a state dict of tensors")
+    state = strip_prefixes(state)
+    state = {k: v for k, v in state.items() if not k.startswith("head.")}
+    expected = model.state_dict()
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    wrong_shape = sorted(k for k in set(state) & set(expected) if state[k].shape != expected[k].shape)
+    if strict and (missing or unexpected or wrong_shape):
+        def few(keys):
+            return ", ".join(keys[:5]) + (f" (+{len(keys) - 5} more)" if len(keys) > 5 else "")
+        problems = []
+        if missing:
+            problems.append(f"missing keys: {few(missing)}")
+        if unexpected:
+            problems.append(f"unexpected keys: {few(unexpected)}")
+        if wrong_shape:
+            problems.append(f"shape mismatch: {few(wrong_shape)}")
+        arch = f" for {model_name}" + (f"/{patch_size}" if patch_size else "") if model_name else ""
+        raise UserError(f"{pretrained_weights} does not match the backbone{arch}: " + "; ".join(problems))
+    msg = model.load_state_dict(state, strict=strict)
+    print('Pretrained weights found at {} and loaded with msg: {}'.format(pretrained_weights, msg))
+    return msg
