@@ -591,6 +591,7 @@ class Trainer(object):
         self.start_epoch, self.start_step = 0, 0
         self.resume()
         self.bad_images_epoch = 0
+        self.collapse_monitor = CollapseMonitor(args.out_dim)
         self._nan_hook_step = int(os.environ.get("DINO_TEST_NONFINITE_AT_STEP", "-1"))  # test-only
 
     # ---- checkpoints ----
@@ -669,6 +670,7 @@ class Trainer(object):
                     self.save(epoch, global_step - epoch * self.steps_per_epoch)
                 throughput.resume()
             log_stats = {**{f'train_{k}': v for k, v in stats.items()}, 'epoch': epoch}
+            self.collapse_monitor.check(epoch, stats)
             if utils.is_main_process():
                 with (Path(args.output_dir) / "log.txt").open("a") as f:
                     f.write(json.dumps(log_stats) + "\n")
@@ -773,6 +775,39 @@ class Trainer(object):
             raise UserError(f"{total_bad} unreadable images in epoch {epoch}, more than 1% of its "
                             f"{epoch_images}; fix or remove them (the warnings name each file) and run the same "
                             f"command to resume from {self.ckpt_path}")
+
+
+class CollapseMonitor(object):
+    """Warns once per run about the two collapses of the DINO paper's study.
+
+    Uniform collapse: the teacher output is flat, so the loss sits at ln(out_dim).
+    One-hot collapse: one dimension dominates, so the teacher entropy goes to 0.
+    """
+    def __init__(self, out_dim):
+        self.uniform_loss = math.log(out_dim)
+        self.warned = False
+
+    def diagnose(self, loss, teacher_entropy):
+        if loss is not None and abs(loss - self.uniform_loss) <= 0.01 * self.uniform_loss:
+            return "uniform"
+        if teacher_entropy is not None and teacher_entropy <= 0.01 * self.uniform_loss:
+            return "one-hot"
+        return None
+
+    def check(self, epoch, stats):
+        kind = self.diagnose(stats.get("loss"), stats.get("teacher_entropy"))
+        if kind is None or self.warned:
+            return kind
+        self.warned = True
+        if kind == "uniform":
+            detail = (f"the loss {stats['loss']:.4f} is within 1% of ln(out_dim) = {self.uniform_loss:.4f}: "
+                      f"the teacher output is uniform")
+        else:
+            detail = f"the teacher entropy {stats['teacher_entropy']:.4f} is near 0: one output dimension dominates"
+        print(f"warning: collapse suspected at epoch {epoch} ({kind}): {detail}. Usual remedies: lower "
+              f"--teacher_temp (and --warmup_teacher_temp), raise --momentum_teacher, use a smaller --out_dim on "
+              f"small data.")
+        return kind
 
 
 class ThroughputMeter(object):

@@ -1,0 +1,222 @@
+"""Pieces of the trainer: schedules, crops, multi-crop grouping, parameter groups, devices, precision."""
+import math
+import os
+
+import numpy as np
+import pytest
+import torch
+import torch.nn as nn
+from PIL import Image
+
+import main_dino
+import utils
+import vision_transformer as vits
+
+
+def test_cosine_scheduler_warmup_then_half_cosine():
+    sched = utils.cosine_scheduler(1.0, 0.1, epochs=4, niter_per_ep=5, warmup_epochs=1, start_warmup_value=0.0)
+    assert len(sched) == 20
+    assert np.allclose(sched[:5], np.linspace(0, 1, 5))
+    iters = np.arange(15)
+    expected = 0.1 + 0.45 * (1 + np.cos(np.pi * iters / 15))
+    assert np.allclose(sched[5:], expected)
+    assert sched[5] == pytest.approx(1.0) and sched[-1] > 0.1
+
+
+def test_teacher_temperature_warms_up_linearly_then_stays():
+    loss = main_dino.DINOLoss(8, 4, warmup_teacher_temp=0.04, teacher_temp=0.07, warmup_teacher_temp_epochs=3,
+                              nepochs=10)
+    assert np.allclose(loss.teacher_temp_schedule[:3], [0.04, 0.055, 0.07])
+    assert np.allclose(loss.teacher_temp_schedule[3:], 0.07)
+    assert len(loss.teacher_temp_schedule) == 10
+
+
+def test_center_is_an_ema_of_teacher_batch_means():
+    loss = main_dino.DINOLoss(4, 2, 0.04, 0.04, 0, 1, center_momentum=0.9)
+    teacher = torch.tensor([[1., 2., 3., 4.], [3., 2., 1., 0.]])
+    student = torch.randn(2, 4)
+    loss(student, teacher, 0)
+    assert torch.allclose(loss.center, 0.1 * teacher.mean(0, keepdim=True))
+    loss(student, teacher, 0)
+    assert torch.allclose(loss.center, 0.19 * teacher.mean(0, keepdim=True))
+
+
+@pytest.mark.parametrize("n_local", [0, 3])
+def test_augmentation_gives_the_asked_crop_sizes(photos_dir, n_local):
+    img = Image.open(os.path.join(photos_dir, "chelsea.jpg")).convert("RGB")
+    aug = main_dino.DataAugmentationDINO((0.4, 1.), (0.05, 0.4), n_local, global_crop_size=64, local_crop_size=32)
+    crops = aug(img)
+    assert len(crops) == 2 + n_local
+    assert all(c.shape == (3, 64, 64) for c in crops[:2])
+    assert all(c.shape == (3, 32, 32) for c in crops[2:])
+    assert all(c.dtype == torch.float32 for c in crops)
+    default = main_dino.DataAugmentationDINO((0.4, 1.), (0.05, 0.4), 1)(img)
+    assert default[0].shape == (3, 224, 224) and default[2].shape == (3, 96, 96)
+
+
+def test_per_sample_seeding_is_independent_of_call_order(photos_dir):
+    path = os.path.join(photos_dir, "coffee.jpg")
+    aug = main_dino.DataAugmentationDINO((0.4, 1.), (0.05, 0.4), 2, global_crop_size=32, local_crop_size=16)
+    dataset = main_dino.MultiCropDataset([(path, 0), (path, 1)], aug, seed=5)
+    first = dataset[(3, 1)][0]
+    dataset[(3, 0)]
+    torch.rand(10)  # global RNG activity must not matter
+    again = dataset[(3, 1)][0]
+    other_epoch = dataset[(4, 1)][0]
+    assert all(torch.equal(a, b) for a, b in zip(first, again))
+    assert not all(torch.equal(a, b) for a, b in zip(first, other_epoch))
+
+
+def test_epoch_sampler_matches_distributed_sampler_and_resumes_mid_epoch():
+    dataset = list(range(23))
+    for rank in range(3):
+        ref = torch.utils.data.DistributedSampler(dataset, num_replicas=3, rank=rank, shuffle=True, seed=0)
+        ref.set_epoch(2)
+        ours = main_dino.EpochSampler(23, num_replicas=3, rank=rank, shuffle=True, seed=0)
+        ours.set_epoch(2)
+        assert [i for _, i in ours] == list(ref)
+        ours.set_epoch(2, start=4)
+        assert [i for _, i in ours] == list(ref)[4:]
+        assert all(e == 2 for e, _ in ours)
+
+
+class CountingBackbone(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.calls = []
+        self.fc = nn.Linear(3, 3)
+
+    def forward(self, x):
+        self.calls.append(tuple(x.shape))
+        return x.mean(dim=(2, 3))
+
+
+def test_multicrop_wrapper_runs_backbone_once_per_resolution_run():
+    backbone = CountingBackbone()
+    wrapper = utils.MultiCropWrapper(backbone, nn.Identity())
+    crops = [torch.randn(2, 3, 8, 8), torch.randn(2, 3, 8, 8), torch.randn(2, 3, 4, 4), torch.randn(2, 3, 4, 4),
+             torch.randn(2, 3, 4, 4)]
+    out = wrapper(crops)
+    assert backbone.calls == [(4, 3, 8, 8), (6, 3, 4, 4)]
+    assert torch.allclose(out, torch.cat([c.mean(dim=(2, 3)) for c in crops]))
+    assert isinstance(backbone.fc, nn.Identity)  # the classifier is removed
+
+
+def test_parameter_groups_exclude_biases_norms_and_frozen_weight_g():
+    model = utils.MultiCropWrapper(vits.vit_tiny(), vits.DINOHead(192, 16))
+    regularized, not_regularized = utils.get_params_groups(model)
+    names = {id(p): n for n, p in model.named_parameters()}
+    reg_names = {names[id(p)] for p in regularized["params"]}
+    noreg_names = {names[id(p)] for p in not_regularized["params"]}
+    assert not_regularized["weight_decay"] == 0.
+    assert all(not n.endswith(".bias") and "norm" not in n for n in reg_names)
+    assert "head.last_layer.weight_v" in reg_names
+    assert "head.last_layer.weight_g" not in reg_names | noreg_names
+    assert "backbone.blocks.0.norm1.weight" in noreg_names and "backbone.cls_token" in reg_names
+
+
+def test_per_parameter_clipping_matches_definition():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 2))
+    for p in model.parameters():
+        p.grad = torch.randn_like(p) * 10
+    before = [p.grad.clone() for p in model.parameters()]
+    utils.clip_gradients(model, 1.0, fused=True)
+    for g0, p in zip(before, model.parameters()):
+        norm = g0.norm()
+        expected = g0 * min(1.0, (1.0 / (norm + 1e-6)).item())
+        assert torch.allclose(p.grad, expected, atol=1e-6)
+
+
+def test_frozen_last_layer_gets_no_update_and_fresh_optimizer_state():
+    torch.manual_seed(0)
+    model = utils.MultiCropWrapper(nn.Sequential(nn.Flatten(), nn.Linear(12, 8)),
+                                   vits.DINOHead(8, 16, norm_last_layer=False, nlayers=1))
+    opt = torch.optim.AdamW(utils.get_params_groups(model), lr=0.1)
+    v_before = model.head.last_layer.weight_v.detach().clone()
+    model(torch.randn(4, 3, 2, 2)).sum().backward()
+    utils.cancel_gradients_last_layer(0, model, freeze_last_layer=1)
+    opt.step()
+    assert torch.equal(model.head.last_layer.weight_v, v_before)
+    assert model.head.last_layer.weight_v not in opt.state
+    opt.zero_grad()
+    model(torch.randn(4, 3, 2, 2)).sum().backward()
+    utils.cancel_gradients_last_layer(1, model, freeze_last_layer=1)
+    opt.step()
+    assert not torch.equal(model.head.last_layer.weight_v, v_before)
+    assert int(opt.state[model.head.last_layer.weight_v]["step"]) == 1
+
+
+def test_ema_moves_teacher_towards_student():
+    student, teacher = nn.Linear(3, 3), nn.Linear(3, 3)
+    t0 = [p.detach().clone() for p in teacher.parameters()]
+    utils.TeacherEMA(student, teacher).update(0.9)
+    for t, t_old, s in zip(teacher.parameters(), t0, student.parameters()):
+        assert torch.allclose(t, 0.9 * t_old + 0.1 * s, atol=1e-7)
+
+
+@pytest.mark.parametrize("requested,npu,cuda,expected", [
+    ("auto", True, True, "npu"), ("auto", False, True, "cuda"), ("auto", False, False, "cpu"),
+    ("cpu", True, True, "cpu"), ("cuda", True, True, "cuda"), ("npu", True, False, "npu"),
+])
+def test_device_selection(requested, npu, cuda, expected):
+    assert utils.resolve_device_kind(requested, npu, cuda) == expected
+
+
+@pytest.mark.parametrize("requested,npu,cuda", [("npu", False, True), ("cuda", True, False), ("tpu", True, True)])
+def test_device_selection_refuses_missing_devices(requested, npu, cuda):
+    with pytest.raises(utils.UserError):
+        utils.resolve_device_kind(requested, npu, cuda)
+
+
+@pytest.mark.parametrize("kind,amp,fp16,apex,bf16,expected", [
+    ("npu", True, True, True, True, "apex_o1"), ("npu", True, False, False, True, "fp16"),
+    ("npu", False, True, True, True, "fp16"), ("npu", False, False, True, True, "fp32"),
+    ("cuda", False, True, False, True, "fp16"), ("cuda", True, True, False, True, "bf16"),
+    ("cuda", True, False, False, False, "fp16"), ("cuda", False, False, False, True, "fp32"),
+    ("cpu", False, True, False, True, "fp32"), ("cpu", True, False, False, True, "bf16"),
+])
+def test_precision_table(kind, amp, fp16, apex, bf16, expected):
+    assert utils.resolve_precision_mode(kind, amp=amp, use_fp16=fp16, apex_available=apex,
+                                        bf16_supported=bf16) == expected
+
+
+def test_cpu_accelerator_and_bf16_autocast():
+    accel = utils.Accelerator.create("cpu")
+    assert accel.kind == "cpu" and accel.dist_backend == "gloo" and not accel.pin_memory
+    precision = utils.Precision("bf16", accel)
+    layer = nn.Linear(4, 4)
+    with precision.autocast():
+        out = layer(torch.randn(2, 4))
+    assert out.dtype == torch.bfloat16
+    with utils.Precision("fp32", accel).autocast():
+        assert layer(torch.randn(2, 4)).dtype == torch.float32
+
+
+def test_distributed_env_parsing():
+    assert utils.distributed_env({}) == (0, 1, 0)
+    assert utils.distributed_env({"RANK": "3", "WORLD_SIZE": "8", "LOCAL_RANK": "3"}) == (3, 8, 3)
+    assert utils.distributed_env({"SLURM_PROCID": "5", "SLURM_NTASKS": "16", "SLURM_LOCALID": "1"}) == (5, 16, 1)
+    assert utils.distributed_env({"SLURM_PROCID": "0", "SLURM_NTASKS": "1"}) == (0, 1, 0)
+
+
+def test_collapse_monitor_diagnoses_both_collapses():
+    monitor = main_dino.CollapseMonitor(out_dim=256)
+    assert monitor.diagnose(math.log(256) * 0.995, 5.0) == "uniform"
+    assert monitor.diagnose(3.0, 0.01) == "one-hot"
+    assert monitor.diagnose(4.0, 2.0) is None
+
+
+def test_parser_keeps_reference_flags_and_aliases():
+    parser = main_dino.get_args_parser()
+    args = parser.parse_args([])
+    assert (args.arch, args.patch_size, args.out_dim, args.momentum_teacher) == ("vit_small", 16, 65536, 0.996)
+    assert (args.lr, args.min_lr, args.weight_decay, args.weight_decay_end) == (0.0005, 1e-6, 0.04, 0.4)
+    assert (args.batch_size_per_gpu, args.epochs, args.warmup_epochs, args.freeze_last_layer) == (64, 100, 10, 1)
+    assert (args.local_crops_number, tuple(args.global_crops_scale)) == (8, (0.4, 1.))
+    assert args.use_fp16 is True and args.clip_grad == 3.0 and args.saveckp_freq == 20
+    assert (args.global_crop_size, args.local_crop_size, args.device) == (224, 96, "auto")
+    aliased = parser.parse_args(["--batch_size", "8", "--local-rank", "2"])
+    assert aliased.batch_size_per_gpu == 8 and aliased.local_rank == 2
+    with pytest.raises(SystemExit):
+        parser.parse_args(["--batch", "8"])  # no prefix abbreviations
