@@ -687,13 +687,15 @@ class Trainer(object):
         header = 'Epoch: [{}/{}]'.format(epoch, args.epochs)
         self.bad_images_epoch = 0
         pending_nonfinite = None
+        steps_done_in_epoch = start_step
         steps = metric_logger.log_every(self.loader, 10, header, total=self.steps_per_epoch, start_index=start_step)
         for it_in_epoch, (images, _, failed) in enumerate(steps, start=start_step):
             it = global_step
             for i, param_group in enumerate(self.optimizer.param_groups):
-                param_group["lr"] = self.lr_schedule[it]
+                # plain floats: numpy scalars in the optimizer state would need unpickling on load
+                param_group["lr"] = float(self.lr_schedule[it])
                 if i == 0:  # only the first group is regularized
-                    param_group["weight_decay"] = self.wd_schedule[it]
+                    param_group["weight_decay"] = float(self.wd_schedule[it])
             if failed:
                 self.report_bad_images(failed)
 
@@ -717,7 +719,7 @@ class Trainer(object):
                 utils.clip_gradients(self.student_core, args.clip_grad, fused=True)
             utils.cancel_gradients_last_layer(epoch, self.student_core, args.freeze_last_layer)
             self.precision.step(self.optimizer)
-            self.ema.update(self.momentum_schedule[it])
+            self.ema.update(float(self.momentum_schedule[it]))
 
             metric_logger.update(loss=loss.detach(), **{k: v for k, v in self.dino_loss.last_stats.items()})
             metric_logger.update(lr=self.optimizer.param_groups[0]["lr"])
@@ -725,8 +727,10 @@ class Trainer(object):
             global_step += 1
             throughput.step()
 
-            if (it_in_epoch + 1) % 10 == 0:
-                self.check_bad_image_rate(epoch, it_in_epoch + 1)
+            steps_done_in_epoch = it_in_epoch + 1
+            self._test_kill_hook(it)
+            if steps_done_in_epoch % 10 == 0:
+                self.check_bad_image_rate(epoch, steps_done_in_epoch)
             last_of_epoch = it_in_epoch + 1 == self.steps_per_epoch
             if args.saveckp_steps and global_step % args.saveckp_steps == 0 and not last_of_epoch:
                 self.stop_if_nonfinite(*pending_nonfinite)
@@ -737,12 +741,21 @@ class Trainer(object):
                 break
         if pending_nonfinite is not None:
             self.stop_if_nonfinite(*pending_nonfinite)
-        self.check_bad_image_rate(epoch, None)
+        self.check_bad_image_rate(epoch, steps_done_in_epoch)
         metric_logger.synchronize_between_processes()
         print("Averaged stats:", metric_logger)
         stats = {k: meter.global_avg for k, meter in metric_logger.meters.items()}
         stats["bad_images"] = self.bad_images_epoch
         return stats, global_step
+
+    def _test_kill_hook(self, step):
+        """Test-only: DINO_TEST_KILL_AT_STEP=rank:step kills that rank (first torchrun attempt only)."""
+        spec = os.environ.get("DINO_TEST_KILL_AT_STEP")
+        if not spec or os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") != "0":
+            return
+        rank, at = (int(x) for x in spec.split(":"))
+        if rank == utils.get_rank() and step == at:
+            os.kill(os.getpid(), 9)
 
     def nonfinite_flag(self, loss):
         flag = (~torch.isfinite(loss.detach())).float().reshape(1)
@@ -770,8 +783,7 @@ class Trainer(object):
             total_bad = int(utils.all_reduce_sum(count).item())
         epoch_images = self.steps_per_epoch * self.samples_per_step
         if total_bad > 0.01 * epoch_images:
-            if step_in_epoch is not None:
-                self.save(epoch, step_in_epoch)
+            self.save(epoch, step_in_epoch)
             raise UserError(f"{total_bad} unreadable images in epoch {epoch}, more than 1% of its "
                             f"{epoch_images}; fix or remove them (the warnings name each file) and run the same "
                             f"command to resume from {self.ckpt_path}")
@@ -847,7 +859,12 @@ class ThroughputMeter(object):
 
 def train_dino(args):
     validate_args(args)
-    Path(args.output_dir).mkdir(parents=True, exist_ok=True)
+    try:
+        Path(args.output_dir).mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise UserError(f"cannot create --output_dir {args.output_dir}: {err.strerror or err}") from err
+    if not os.access(args.output_dir, os.W_OK):
+        raise UserError(f"--output_dir {args.output_dir} is not writable")
     trainer = Trainer(args)
     try:
         trainer.train()
