@@ -751,8 +751,18 @@ def init_distributed_mode(args):
             os.environ.setdefault("MASTER_ADDR", _slurm_master_addr())
             os.environ.setdefault("MASTER_PORT", "29500")
         timeout = datetime.timedelta(seconds=getattr(args, "dist_timeout", 1800))
-        dist.init_process_group(backend=accel.dist_backend, init_method=getattr(args, "dist_url", "env://"),
-                                world_size=world_size, rank=rank, timeout=timeout)
+        init_method = getattr(args, "dist_url", "env://")
+        restart = os.environ.get("TORCHELASTIC_RESTART_COUNT")
+        if restart is not None and init_method == "env://":
+            # After a torchrun restart the agent's store still holds the dead attempt's keys, and
+            # gloo would connect to the old addresses: give each attempt its own key space.
+            store, _, _ = next(dist.rendezvous(init_method, rank, world_size, timeout=timeout))
+            store = dist.PrefixStore(f"dino_attempt_{restart}/", store)
+            dist.init_process_group(backend=accel.dist_backend, store=store, world_size=world_size, rank=rank,
+                                    timeout=timeout)
+        else:
+            dist.init_process_group(backend=accel.dist_backend, init_method=init_method,
+                                    world_size=world_size, rank=rank, timeout=timeout)
         global _COLLECTIVE_DEVICE
         _COLLECTIVE_DEVICE = accel.device
         dist.barrier()
