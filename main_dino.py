@@ -631,7 +631,11 @@ class Trainer(object):
             self.student_core.load_state_dict(utils.strip_prefixes(ckpt['student'], ("module.",)))
             self.teacher.load_state_dict(utils.strip_prefixes(ckpt['teacher'], ("module.",)))
             self.dino_loss.load_state_dict(ckpt['dino_loss'])
+            # load_state_dict also copies the saved fused/foreach choice; keep this device's own
+            own_flags = [{k: g[k] for k in ("fused", "foreach") if k in g} for g in self.optimizer.param_groups]
             self.optimizer.load_state_dict(ckpt['optimizer'])
+            for group, own in zip(self.optimizer.param_groups, own_flags):
+                group.update(own)
         except (KeyError, RuntimeError, ValueError) as err:
             raise UserError(f"{self.ckpt_path} does not fit this run ({str(err).splitlines()[0]}); use another "
                             f"--output_dir to start a new run") from err

@@ -256,7 +256,9 @@ class WeightNormLinear(nn.Module):
         return self.weight_v * (self.weight_g / self.weight_v.norm(dim=1, keepdim=True))
 
     def forward(self, x):
-        return F.linear(x, self.weight)
+        # (x v^T) * (g / ||v||)^T: same maths without building the (out, in) weight
+        out = F.linear(x, self.weight_v)
+        return out * (self.weight_g / self.weight_v.norm(dim=1, keepdim=True)).t().to(out.dtype)
 
     def extra_repr(self):
         return f"in_features={self.in_features}, out_features={self.out_features}, bias=False"
