@@ -47,7 +47,11 @@ def run_cli(main, *args):
         return main(*args)
     except UserError as err:
         prog = os.path.basename(sys.argv[0]) if sys.argv and sys.argv[0] else "dino"
-        msg = str(err).replace("\n", " ")
+        msg = str(err).rstrip()
+        last = msg.splitlines()[-1] if msg else msg
+        if "Original Traceback" in msg and "UserError: " in last:  # raised in a DataLoader worker
+            msg = last.split("UserError: ", 1)[1]
+        msg = msg.replace("\n", " ")
         builtins.print(f"{prog}: error: {msg}", file=sys.stderr, flush=True)
         sys.exit(2)
     except KeyboardInterrupt:
