@@ -262,6 +262,14 @@ def load_rgb(path):
     return img.convert("RGB")
 
 
+def open_image(path):
+    """load_rgb, with an unreadable file reported as a UserError naming it (evaluation tools)."""
+    try:
+        return load_rgb(path)
+    except (OSError, ValueError, Image.DecompressionBombError) as err:
+        raise UserError(f"cannot read image {path}: {err}") from err
+
+
 def sample_seed(seed, epoch, index):
     """Seed of one sample's augmentation: depends on (seed, epoch, index) only, not on workers or ranks."""
     return int(np.random.SeedSequence([seed, epoch, index]).generate_state(1)[0])

@@ -25,6 +25,7 @@ import importlib
 import math
 import os
 import random
+import re
 import subprocess
 import sys
 import time
@@ -303,7 +304,7 @@ class SmoothedValue(object):
     def synchronize_between_processes(self):
         if not is_dist_avail_and_initialized():
             return
-        t = torch.tensor([self.count, self.total], dtype=torch.float64, device=collective_device())
+        t = torch.tensor([self.count, self.total], dtype=torch.float32, device=collective_device())  # HCCL has no float64
         dist.all_reduce(t)
         self.count, self.total = int(t[0].item()), t[1].item()
 
@@ -817,6 +818,11 @@ def load_checkpoint_file(path, map_location="cpu"):
     """
     if not os.path.isfile(path):
         raise UserError(f"checkpoint not found: {path}")
+    with open(path, "rb") as f:
+        head = f.read(4)
+    # torch.save writes a zip archive, or a bare pickle with the legacy format
+    if not (head.startswith(b"PK\x03\x04") or head[:1] == b"\x80"):
+        raise UserError(f"{path} is not a PyTorch checkpoint (neither a torch.save archive nor a pickle)")
     add = getattr(torch.serialization, "safe_globals", None)
     ctx = add(_safe_globals()) if add is not None else contextlib.nullcontext()
     try:
@@ -828,7 +834,10 @@ def load_checkpoint_file(path, map_location="cpu"):
         raise UserError(f"{path} is not a readable checkpoint: {err}") from err
     except Exception as err:  # the pickle error types differ between torch versions
         text = str(err).splitlines()[0] if str(err) else type(err).__name__
-        if "weights_only" in str(err) or "Unsupported global" in str(err) or "GLOBAL" in str(err):
+        unsafe = re.search(r"(?:global: |unsupported )GLOBAL ([\w.]+)", str(err))
+        if unsafe:
+            text = f"it names {unsafe.group(1)}"
+        if "weights_only" in str(err) or unsafe or "GLOBAL" in str(err):
             raise UserError(f"refusing to load {path}: it asks to run code or build objects that are not "
                             f"plain tensors and numbers ({text})") from err
         raise UserError(f"{path} is not a readable checkpoint (truncated or corrupt?): {text}") from err

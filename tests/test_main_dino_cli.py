@@ -1,9 +1,7 @@
 """main_dino.py as users run it: bad input, checkpoints, resume, several processes, a real small dataset."""
 import builtins
-import json
 import os
 import re
-import shutil
 import subprocess
 import sys
 
@@ -12,7 +10,6 @@ import torch
 from PIL import Image
 
 import main_dino
-import utils
 from helpers import ROOT, TINY_TRAIN_ARGS, run_py
 
 
