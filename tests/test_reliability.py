@@ -3,6 +3,7 @@ import argparse
 import json
 import os
 import random
+import re
 import signal
 import subprocess
 import sys
@@ -258,6 +259,7 @@ def test_dead_rank_with_restarts_resumes_from_the_last_checkpoint(tmp_path):
     out = tmp_path / "restart"
     result, _ = torchrun(DDP_ARGS, out, {"DINO_TEST_KILL_AT_STEP": "1:3"}, restarts=1)
     assert result.returncode == 0, result.stderr[-3000:]
-    assert "Resuming from epoch 0, step 2." in result.stdout
+    # rank 0 may write the step-4 checkpoint before it notices that rank 1 died after step 4
+    assert re.search(r"Resuming from epoch 0, step [24]\.", result.stdout), result.stdout[-2000:]
     ckpt = torch.load(out / "checkpoint.pth", map_location="cpu", weights_only=True)
     assert ckpt["step_in_epoch"] == 6
