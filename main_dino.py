@@ -207,10 +207,16 @@ class DataAugmentationDINO(object):
     """Two global views and `local_crops_number` local views of one PIL image, as the reference."""
     def __init__(self, global_crops_scale, local_crops_scale, local_crops_number, use_color_jitter_opti=False,
                  global_crop_size=224, local_crop_size=96):
-        if use_color_jitter_opti and hasattr(utils, "FastColorJitter"):
-            jitter = utils.FastColorJitter(brightness=0.4, contrast=0.4, saturation=0.2, hue=0.1)
-        else:
-            jitter = transforms.ColorJitter(brightness=0.4, contrast=0.4, saturation=0.2, hue=0.1)
+        self.local_crops_number = local_crops_number
+        self.fast = use_color_jitter_opti
+        if self.fast:
+            # README, "Fast paths": the same views and random draws, computed on arrays
+            self.global_transfo1 = utils.FastCropTransform(global_crop_size, global_crops_scale, blur_p=1.0)
+            self.global_transfo2 = utils.FastCropTransform(global_crop_size, global_crops_scale, blur_p=0.1,
+                                                           solarize_p=0.2)
+            self.local_transfo = utils.FastCropTransform(local_crop_size, local_crops_scale, blur_p=0.5)
+            return
+        jitter = transforms.ColorJitter(brightness=0.4, contrast=0.4, saturation=0.2, hue=0.1)
         flip_and_color_jitter = transforms.Compose([
             transforms.RandomHorizontalFlip(p=0.5),
             transforms.RandomApply([jitter], p=0.8),
@@ -235,7 +241,6 @@ class DataAugmentationDINO(object):
             utils.Solarization(0.2),
             normalize,
         ])
-        self.local_crops_number = local_crops_number
         self.local_transfo = transforms.Compose([
             transforms.RandomResizedCrop(local_crop_size, scale=local_crops_scale, interpolation=bicubic),
             flip_and_color_jitter,
@@ -244,6 +249,8 @@ class DataAugmentationDINO(object):
         ])
 
     def __call__(self, image):
+        if self.fast:
+            image = utils.as_uint8_chw(image)  # one conversion for all views
         crops = [self.global_transfo1(image), self.global_transfo2(image)]
         for _ in range(self.local_crops_number):
             crops.append(self.local_transfo(image))
@@ -311,7 +318,8 @@ class MultiCropDataset(torch.utils.data.Dataset):
         random.seed(seed)
         try:
             with torch.random.fork_rng(devices=[]):
-                torch.manual_seed(seed)
+                # CPU generator only: torch.manual_seed would also reseed the device's (drop path) generator
+                torch.default_generator.manual_seed(seed)
                 return self.transform(img)
         finally:
             random.setstate(py_state)

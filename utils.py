@@ -35,7 +35,9 @@ import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn as nn
-from PIL import ImageFilter, ImageOps
+import torch.nn.functional as F
+from PIL import Image, ImageFilter, ImageOps
+from torchvision import transforms
 
 
 class UserError(Exception):
@@ -125,6 +127,341 @@ class Solarization(object):
         if random.random() < self.p:
             return ImageOps.solarize(img)
         return img
+
+
+# ---- fast multi-crop views (--use_color_jitter_opti): torchvision's semantics on arrays ----
+
+# PIL's convert("L"): L = (19595 R + 38470 G + 7471 B + 2^15) >> 16. In float32 every product and partial
+# sum is an integer below 2^24, so the arithmetic below is exact in any summation order.
+_LUMA_WEIGHTS = (19595.0, 38470.0, 7471.0)
+_IMAGENET_MEAN = (0.485, 0.456, 0.406)
+_IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+def _pil_luma(x):
+    """PIL's 8-bit luma of a planar (3, H, W) float32 image holding integers; returns (H, W) float32.
+
+    Elementwise on purpose: numpy's BLAS would start threads inside DataLoader workers.
+    """
+    y = x[0] * np.float32(_LUMA_WEIGHTS[0])
+    y += x[1] * np.float32(_LUMA_WEIGHTS[1])
+    y += x[2] * np.float32(_LUMA_WEIGHTS[2])
+    y += np.float32(32768.0)
+    y *= np.float32(1.0 / 65536.0)
+    return np.floor(y, out=y)
+
+
+def _pil_blend_(x, base, factor):
+    """x <- PIL Image.blend(base, x, factor): base + factor * (x - base) in float32, clipped, truncated."""
+    x -= base
+    x *= np.float32(factor)
+    x += base
+    np.clip(x, np.float32(0.0), np.float32(255.0), out=x)
+    return np.floor(x, out=x)
+
+
+def _pil_brightness_(x, factor):
+    """PIL's ImageEnhance.Brightness (blend with black). These ops work in place on planar float32."""
+    x *= np.float32(factor)
+    np.clip(x, np.float32(0.0), np.float32(255.0), out=x)
+    return np.floor(x, out=x)
+
+
+def _pil_contrast_(x, factor):
+    """PIL's ImageEnhance.Contrast: blend with the rounded mean of the grey image."""
+    luma = _pil_luma(x)
+    mean = float(int(luma.sum(dtype=np.float64) / luma.size + 0.5))
+    return _pil_blend_(x, np.float32(mean), factor)
+
+
+def _pil_saturation_(x, factor):
+    """PIL's ImageEnhance.Color: blend with the grey image."""
+    return _pil_blend_(x, _pil_luma(x), factor)
+
+
+def _pil_hue_shift(hue_factor):
+    """torchvision's PIL shift: int(hue * 255) (towards zero), added to PIL's 8-bit hue modulo 256."""
+    return int(np.int32(hue_factor * 255).astype(np.uint8))
+
+
+def _pil_hue_(x, hue_factor):
+    """torchvision's adjust_hue on PIL images: RGB -> PIL HSV (8-bit H, S, V), H += shift, back to RGB.
+
+    PIL's conversions, vectorised without branches: H = trunc(255 * hue), S = trunc(255 * chroma / max),
+    V = max; back with round(V * (1 - S/255 * w)), w the hexcone weight of each channel. In place.
+    """
+    f32 = np.float32
+    shift = _pil_hue_shift(hue_factor)
+    r, g, b = x[0], x[1], x[2]
+    vmax = np.maximum(r, g)
+    np.maximum(vmax, b, out=vmax)
+    chroma = np.minimum(r, g)
+    np.minimum(chroma, b, out=chroma)
+    np.subtract(vmax, chroma, out=chroma)
+    # hue * chroma in sextants, PIL's branch order: blue max 4 + (r - g)/c, green max 2 + (b - r)/c,
+    # red max (g - b)/c; selected with 0/1 masks (exact on these integer values)
+    twice_chroma = chroma + chroma
+    hue = r - g
+    hue += twice_chroma
+    hue += twice_chroma
+    tmp = b - r
+    tmp += twice_chroma
+    tmp -= hue
+    tmp *= np.equal(g, vmax)
+    hue += tmp
+    np.subtract(g, b, out=tmp)
+    tmp -= hue
+    tmp *= np.equal(r, vmax)
+    hue += tmp
+    grey = np.equal(chroma, 0)
+    np.add(chroma, grey, out=tmp)  # grey pixels: 0 / 1
+    hue /= tmp
+    hue *= f32(1.0 / 6.0)
+    hue += np.less(hue, 0)  # fmod(h / 6 + 1, 1) for h / 6 in (-1, 1)
+    hue *= f32(255.0)
+    np.floor(hue, out=hue)  # PIL's 8-bit hue
+    hue += f32(shift)
+    hue -= f32(256.0) * np.greater_equal(hue, 256.0)  # uint8 wrap-around
+    hue *= f32(6.0 / 255.0)
+    # PIL's 8-bit saturation, then V * S / 255
+    np.add(vmax, grey, out=tmp)
+    sat = np.divide(chroma, tmp, out=chroma)
+    sat *= f32(255.0)
+    np.floor(sat, out=sat)
+    sat *= f32(1.0 / 255.0)
+    sat *= vmax
+    # hexcone weights: red 0 at hue 0..1, ramps to 1 at 2..4 (centred on 3); green centred on 5 (wrapping
+    # through 0); blue centred on 1 (wrapping through 6)
+    for channel, centre in ((0, 3.0), (1, 5.0), (2, 1.0)):
+        np.subtract(hue, f32(centre), out=tmp)
+        np.abs(tmp, out=tmp)
+        if centre == 5.0:
+            np.minimum(tmp, hue + f32(1.0), out=tmp)
+        elif centre == 1.0:
+            np.minimum(tmp, f32(7.0) - hue, out=tmp)
+        np.subtract(f32(2.0), tmp, out=tmp)
+        np.clip(tmp, f32(0.0), f32(1.0), out=tmp)
+        tmp *= sat
+        out = x[channel]
+        np.subtract(vmax, tmp, out=out)
+        out += f32(0.5)
+        np.floor(out, out=out)
+    return x
+
+
+_PIL_COLOR_OPS = (_pil_brightness_, _pil_contrast_, _pil_saturation_, _pil_hue_)
+
+
+def _planar_float(img):
+    """PIL RGB image or (H, W, 3) uint8 array -> C-contiguous (3, H, W) float32."""
+    arr = np.asarray(img)
+    out = np.empty((3,) + arr.shape[:2], dtype=np.float32)
+    np.copyto(out, arr.transpose(2, 0, 1))
+    return out
+
+
+def _hwc_uint8(x):
+    """Planar float32 holding integers 0..255 -> (H, W, 3) uint8."""
+    return np.ascontiguousarray(x.transpose(1, 2, 0), dtype=np.uint8)
+
+
+class FastColorJitter(object):
+    """torchvision.transforms.ColorJitter for 8-bit RGB images, computed with numpy in a few passes.
+
+    Same parameter sampling and random order as ColorJitter.get_params (the same torch RNG draws give the
+    same factors and order); each operation follows PIL's definition as torchvision applies it. Accepts a
+    PIL image (returns one) or an (H, W, 3) uint8 array (returns one).
+    """
+    def __init__(self, brightness=0, contrast=0, saturation=0, hue=0):
+        ranges = transforms.ColorJitter(brightness, contrast, saturation, hue)  # validates like torchvision
+        self.brightness, self.contrast = ranges.brightness, ranges.contrast
+        self.saturation, self.hue = ranges.saturation, ranges.hue
+
+    def get_params(self):
+        return transforms.ColorJitter.get_params(self.brightness, self.contrast, self.saturation, self.hue)
+
+    @staticmethod
+    def apply_(x, params):
+        """Applies sampled params to a planar float32 image holding integers 0..255, in place."""
+        fn_idx, *factors = params
+        for fn_id in fn_idx.tolist():
+            if factors[fn_id] is not None:
+                _PIL_COLOR_OPS[fn_id](x, factors[fn_id])
+        return x
+
+    def __call__(self, img):
+        params = self.get_params()
+        if isinstance(img, Image.Image):
+            if img.mode != "RGB":
+                raise ValueError(f"FastColorJitter needs an RGB image, got mode {img.mode}")
+            return Image.fromarray(_hwc_uint8(self.apply_(_planar_float(img), params)), "RGB")
+        return _hwc_uint8(self.apply_(_planar_float(img), params))
+
+    def __repr__(self):
+        return (f"{type(self).__name__}(brightness={self.brightness}, contrast={self.contrast}, "
+                f"saturation={self.saturation}, hue={self.hue})")
+
+
+def _pil_box_radius(radius, passes=3):
+    """PIL's extended-box radius for a Gaussian of std `radius` made of `passes` box blurs."""
+    sigma2 = radius * radius / passes
+    whole = math.floor((math.sqrt(12.0 * sigma2 + 1.0) - 1.0) / 2.0)
+    frac = (2 * whole + 1) * (whole * (whole + 1) - 3 * sigma2) / (6 * (sigma2 - (whole + 1) * (whole + 1)))
+    return whole + frac
+
+
+def _pil_box_weights(radius, passes=3):
+    """Taps of one of PIL's box passes for GaussianBlur(radius): 24-bit weights, fractional end taps."""
+    box_radius = _pil_box_radius(radius, passes)
+    whole = int(box_radius)
+    ww = int((1 << 24) / (box_radius * 2 + 1))
+    fw = ((1 << 24) - (whole * 2 + 1) * ww) // 2
+    return np.array([fw] + [ww] * (2 * whole + 1) + [fw], dtype=np.float64) / (1 << 24)
+
+
+def _clamped_blur_matrix(box, passes, n):
+    """The n x n operator of `passes` box passes, each replicating the edge pixel as PIL does."""
+    half = len(box) // 2
+    index = np.arange(n)
+    one = np.zeros((n, n))
+    for offset, weight in zip(range(-half, half + 1), box):
+        one[index, np.clip(index + offset, 0, n - 1)] += weight
+    out = one
+    for _ in range(passes - 1):
+        out = one @ out
+    return out
+
+
+def _pil_blur_plan(radius, n, passes=3):
+    """(kernel, left edge rows, right edge rows) of PIL's GaussianBlur along an axis of length n."""
+    box = _pil_box_weights(radius, passes)
+    kernel = box
+    for _ in range(passes - 1):
+        kernel = np.convolve(kernel, box)
+    half = len(kernel) // 2
+    if n < 4 * half:  # tiny images: the whole operator
+        return kernel.astype(np.float32), _clamped_blur_matrix(box, passes, n).astype(np.float32), None
+    edge = _clamped_blur_matrix(box, passes, 4 * half)
+    left = edge[:half, :2 * half].astype(np.float32)
+    right = edge[-half:, -2 * half:].astype(np.float32)
+    return kernel.astype(np.float32), left, right
+
+
+def _blur_axis(x, out, kernel, left, right, axis):
+    """out <- x filtered along `axis` (1 or 2 of a (3, H, W) array): interior by taps, edges by matrices."""
+    n = x.shape[axis]
+    if right is None:
+        if axis == 1:
+            np.matmul(left, x, out=out)
+        else:
+            np.matmul(x, left.T, out=out)
+        return out
+    half = len(kernel) // 2
+
+    def sl(a, start, stop):
+        return a[:, start:stop] if axis == 1 else a[:, :, start:stop]
+    inner = sl(out, half, n - half)
+    np.multiply(sl(x, half, n - half), kernel[half], out=inner)
+    tmp = np.empty_like(inner)
+    for d in range(1, half + 1):
+        np.add(sl(x, half - d, n - half - d), sl(x, half + d, n - half + d), out=tmp)
+        tmp *= kernel[half + d]
+        inner += tmp
+    if axis == 1:
+        np.matmul(left, x[:, :2 * half], out=out[:, :half])
+        np.matmul(right, x[:, n - 2 * half:], out=out[:, n - half:])
+    else:
+        np.matmul(x[:, :, :2 * half], left.T, out=out[:, :, :half])
+        np.matmul(x[:, :, n - 2 * half:], right.T, out=out[:, :, n - half:])
+    return out
+
+
+def _pil_gaussian_blur_(x, radius):
+    """PIL's GaussianBlur(radius) on a planar (3, H, W) float32 image, in place; rounded to integers.
+
+    PIL runs three box passes per axis, each replicating the edge pixel and rounding to 8 bits. Here the
+    three passes are one kernel inside the image and exact small operators near its edges; rounding once
+    instead of six times moves pixels by well under one grey level on average.
+    """
+    _, h, w = x.shape
+    cols = np.empty_like(x)
+    plan_h = _pil_blur_plan(radius, h)
+    _blur_axis(x, cols, *plan_h, axis=1)
+    _blur_axis(cols, x, *(plan_h if w == h else _pil_blur_plan(radius, w)), axis=2)
+    x += np.float32(0.5)
+    return np.floor(x, out=x)
+
+
+def _uint8_resize_supported():
+    """torch >= 2.1 resizes uint8 images with PIL's antialiased bicubic kernel; older torch falls back to PIL."""
+    try:
+        probe = torch.zeros(1, 3, 8, 8, dtype=torch.uint8).contiguous(memory_format=torch.channels_last)
+        F.interpolate(probe, size=(4, 4), mode="bicubic", antialias=True, align_corners=False)
+        return True
+    except (RuntimeError, TypeError, NotImplementedError):
+        return False
+
+
+_UINT8_RESIZE = _uint8_resize_supported()
+
+
+def as_uint8_chw(img):
+    """A decoded RGB image as a (3, H, W) uint8 tensor view of HWC memory (what FastCropTransform reads)."""
+    if isinstance(img, Image.Image):
+        img = np.array(img.convert("RGB") if img.mode != "RGB" else img)
+    if isinstance(img, np.ndarray):
+        img = torch.from_numpy(np.ascontiguousarray(img)).permute(2, 0, 1)
+    return img
+
+
+class FastCropTransform(object):
+    """One DINO view (RandomResizedCrop, flip, colour jitter, grayscale, blur, solarization, normalize).
+
+    Same random draws, in the same order, as the reference's torchvision/PIL composition, so a seeded view
+    has the same crop box and parameters; the image work runs on uint8 tensors and float32 arrays:
+    torch's antialiased bicubic resize on uint8 (PIL's kernel), FastColorJitter's arithmetic, PIL's box
+    blur as one separable kernel. Returns the normalized (3, size, size) float32 tensor.
+    """
+    def __init__(self, size, scale, blur_p, solarize_p=0.0, jitter_p=0.8, grayscale_p=0.2, flip_p=0.5,
+                 ratio=(3. / 4., 4. / 3.), blur_radius=(0.1, 2.0),
+                 mean=_IMAGENET_MEAN, std=_IMAGENET_STD):
+        self.size = (size, size)
+        self.scale, self.ratio = scale, ratio
+        self.blur_p, self.blur_radius = blur_p, blur_radius
+        self.solarize_p, self.jitter_p, self.grayscale_p, self.flip_p = solarize_p, jitter_p, grayscale_p, flip_p
+        self.jitter = FastColorJitter(brightness=0.4, contrast=0.4, saturation=0.2, hue=0.1)
+        std = np.asarray(std, dtype=np.float64)
+        self.norm_scale = (1.0 / (255.0 * std)).astype(np.float32).reshape(3, 1, 1)
+        self.norm_shift = (-np.asarray(mean, dtype=np.float64) / std).astype(np.float32).reshape(3, 1, 1)
+
+    def _resized_crop(self, chw):
+        top, left, height, width = transforms.RandomResizedCrop.get_params(chw, self.scale, self.ratio)
+        crop = chw[:, top:top + height, left:left + width]
+        if _UINT8_RESIZE:
+            out = F.interpolate(crop.unsqueeze(0), size=self.size, mode="bicubic", antialias=True,
+                                align_corners=False)[0]
+            return out.numpy()  # (3, h, w) view of HWC memory
+        pil = Image.fromarray(np.ascontiguousarray(crop.permute(1, 2, 0).numpy()), "RGB")
+        pil = pil.resize(self.size[::-1], Image.BICUBIC)
+        return np.asarray(pil).transpose(2, 0, 1)
+
+    def __call__(self, img):
+        chw = as_uint8_chw(img)
+        resized = self._resized_crop(chw)
+        flip = torch.rand(1) < self.flip_p
+        x = np.empty(resized.shape, dtype=np.float32)
+        np.copyto(x, resized[:, :, ::-1] if flip else resized)  # the flip commutes with everything below
+        if torch.rand(1) <= self.jitter_p:  # RandomApply's test
+            self.jitter.apply_(x, self.jitter.get_params())
+        if torch.rand(1) < self.grayscale_p:
+            x[:] = _pil_luma(x)
+        if random.random() <= self.blur_p:  # utils.GaussianBlur's test
+            _pil_gaussian_blur_(x, random.uniform(*self.blur_radius))
+        if self.solarize_p and random.random() < self.solarize_p:
+            np.subtract(np.float32(255.0), x, out=x, where=x >= 128.0)
+        x *= self.norm_scale
+        x += self.norm_shift
+        return torch.from_numpy(x)
 
 
 class MultiCropWrapper(nn.Module):

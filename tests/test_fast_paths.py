@@ -1,0 +1,252 @@
+"""The fast paths compute what the reference's slow paths compute (fp32, within rounding)."""
+import copy
+import json
+import os
+import random
+
+import numpy as np
+import pytest
+import torch
+import torch.nn as nn
+import torchvision.transforms.functional as TF
+from PIL import Image, ImageFilter
+from torchvision import transforms
+
+import benchmark
+import main_dino
+import utils
+import vision_transformer as vits
+from helpers import run_py
+
+PHOTOS = ("astronaut", "coffee", "chelsea")
+
+
+def load_photos(photos_dir):
+    return [main_dino.load_rgb(os.path.join(photos_dir, f"{name}.jpg")) for name in PHOTOS]
+
+
+def mean_abs_diff_levels(a, b):
+    """Mean absolute difference of two 8-bit RGB images, in grey levels (1 level = 1/255)."""
+    return float(np.abs(np.asarray(a, dtype=np.float64) - np.asarray(b, dtype=np.float64)).mean())
+
+
+def tiny_vit():
+    torch.manual_seed(0)
+    return vits.vit_tiny(patch_size=8)
+
+
+def test_sdpa_attention_matches_explicit_softmax_forward_and_gradients():
+    model = tiny_vit()
+    x = torch.randn(3, 3, 32, 32)
+    grads, outputs = [], []
+    for fused in (False, True):
+        model.set_fused_attention(fused)
+        model.zero_grad(set_to_none=True)
+        out = model(x)
+        (out * torch.linspace(-1, 1, out.shape[-1])).sum().backward()
+        outputs.append(out.detach())
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters()})
+    torch.testing.assert_close(outputs[1], outputs[0], rtol=1e-4, atol=1e-5)
+    assert grads[0].keys() == grads[1].keys()
+    for name in grads[0]:
+        torch.testing.assert_close(grads[1][name], grads[0][name], rtol=1e-3, atol=1e-5, msg=name)
+    # the explicit path is the one that exposes attention maps
+    assert model.get_last_selfattention(x).shape == (3, 3, 17, 17)
+
+
+def test_fused_teacher_ema_matches_parameter_loop():
+    torch.manual_seed(0)
+    student = nn.Sequential(nn.Linear(7, 5), nn.LayerNorm(5), nn.Linear(5, 3))
+    teacher = copy.deepcopy(student)
+    with torch.no_grad():
+        for p in teacher.parameters():
+            p.add_(torch.randn_like(p))
+    teacher_loop = copy.deepcopy(teacher)
+    fused, loop = utils.TeacherEMA(student, teacher, fused=True), utils.TeacherEMA(student, teacher_loop,
+                                                                                   fused=False)
+    assert fused.fused and not loop.fused
+    for m in (0.996, 0.9, 0.5):
+        fused.update(m)
+        loop.update(m)
+    for a, b in zip(teacher.parameters(), teacher_loop.parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+    assert not torch.equal(next(teacher.parameters()), next(student.parameters()))
+
+
+def test_fused_gradient_clipping_matches_per_parameter_clipping():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 4), nn.Linear(4, 4), nn.Linear(4, 2))
+    model_loop = copy.deepcopy(model)
+    scales = [10.0, 0.01, 1.0, 100.0, 0.001, 5.0]  # some gradients above the clip norm, some below
+    for m in (model, model_loop):
+        for p, s in zip(m.parameters(), scales):
+            p.grad = torch.full_like(p, s) * torch.linspace(0.5, 1.5, p.numel()).view_as(p)
+        m[1].bias.grad = None  # parameters without gradients are skipped
+    clip = 3.0
+    norms_fused = utils.clip_gradients(model, clip, fused=True)
+    norms_loop = utils.clip_gradients(model_loop, clip, fused=False)
+    assert torch.is_tensor(norms_fused) and isinstance(norms_loop, list) and len(norms_loop) == 5
+    torch.testing.assert_close(norms_fused, torch.tensor(norms_loop), rtol=1e-6, atol=1e-6)
+    for a, b in zip(model.parameters(), model_loop.parameters()):
+        if a.grad is None:
+            assert b.grad is None
+            continue
+        torch.testing.assert_close(a.grad, b.grad, rtol=1e-6, atol=1e-7)
+        assert a.grad.norm() <= clip * (1 + 1e-5)
+    assert any(n > clip for n in norms_loop) and any(n < clip for n in norms_loop)
+
+
+@pytest.mark.parametrize("local_crops", [0, 2, 8])
+def test_dino_loss_matches_reference_double_loop(local_crops):
+    torch.manual_seed(local_crops)
+    ncrops, batch, out_dim = local_crops + 2, 3, 64
+    fast = main_dino.DINOLoss(out_dim, ncrops, 0.04, 0.04, 0, 2)
+    slow = benchmark.ReferenceDINOLoss(out_dim, ncrops, teacher_temp=0.04)
+    center = torch.randn(1, out_dim)
+    fast.center, slow.center = center.clone(), center.clone()
+    student = torch.randn(ncrops * batch, out_dim, requires_grad=True)
+    student_slow = student.detach().clone().requires_grad_(True)
+    teacher = torch.randn(2 * batch, out_dim)
+    loss_fast = fast(student, teacher, epoch=1)
+    loss_slow = slow(student_slow, teacher)
+    torch.testing.assert_close(loss_fast, loss_slow, rtol=1e-5, atol=1e-5)
+    loss_fast.backward()
+    loss_slow.backward()
+    torch.testing.assert_close(student.grad, student_slow.grad, rtol=1e-4, atol=1e-7)
+    torch.testing.assert_close(fast.center, slow.center)
+    assert not torch.equal(fast.center, center)
+
+
+def tv_jitter(img, params):
+    """torchvision's ColorJitter.forward with given parameters."""
+    fn_idx, b, c, s, h = params
+    ops = (TF.adjust_brightness, TF.adjust_contrast, TF.adjust_saturation, TF.adjust_hue)
+    for fn_id in fn_idx.tolist():
+        img = ops[fn_id](img, (b, c, s, h)[fn_id])
+    return img
+
+
+def test_fast_color_jitter_matches_torchvision_on_photos(photos_dir):
+    photos = load_photos(photos_dir)
+    fast = utils.FastColorJitter(brightness=0.4, contrast=0.4, saturation=0.2, hue=0.1)
+    reference = transforms.ColorJitter(brightness=0.4, contrast=0.4, saturation=0.2, hue=0.1)
+    orders = set()
+    for seed in range(8):
+        torch.manual_seed(seed)
+        params = fast.get_params()
+        orders.add(tuple(params[0].tolist()))
+        torch.manual_seed(seed)
+        assert str(params) == str(reference.get_params(reference.brightness, reference.contrast,
+                                                       reference.saturation, reference.hue))
+        for img in photos:
+            expected = tv_jitter(img, params)
+            x = utils._planar_float(img)
+            got = utils._hwc_uint8(fast.apply_(x, params))
+            assert mean_abs_diff_levels(got, expected) <= 1.0
+    assert len(orders) >= 4  # several random orders of the four operations were covered
+    # the transform itself: same draws as torchvision's, PIL in and out, arrays in and out
+    img = photos[1]
+    torch.manual_seed(123)
+    expected = reference(img)
+    state = torch.get_rng_state()
+    torch.manual_seed(123)
+    got = fast(img)
+    assert torch.equal(torch.get_rng_state(), state)
+    assert isinstance(got, Image.Image) and got.mode == "RGB" and got.size == img.size
+    assert mean_abs_diff_levels(got, expected) <= 1.0
+    torch.manual_seed(123)
+    arr = fast(np.asarray(img))
+    assert arr.dtype == np.uint8 and np.array_equal(arr, np.asarray(got))
+
+
+@pytest.mark.parametrize("factor", [0.0, 0.6, 1.4])
+def test_fast_color_ops_extremes_match_pil(photos_dir, factor):
+    img = load_photos(photos_dir)[0]
+    for op, tv in ((utils._pil_brightness_, TF.adjust_brightness), (utils._pil_contrast_, TF.adjust_contrast),
+                   (utils._pil_saturation_, TF.adjust_saturation)):
+        got = utils._hwc_uint8(op(utils._planar_float(img), factor))
+        assert mean_abs_diff_levels(got, tv(img, factor)) <= 0.05, op.__name__
+
+
+@pytest.mark.parametrize("hue", [-0.5, -0.1, 0.0, 0.03, 0.5])
+def test_fast_hue_matches_pil_hsv_shift(photos_dir, hue):
+    img = load_photos(photos_dir)[1]
+    got = utils._hwc_uint8(utils._pil_hue_(utils._planar_float(img), hue))
+    assert mean_abs_diff_levels(got, TF.adjust_hue(img, hue)) <= 0.1
+
+
+@pytest.mark.parametrize("radius", [0.1, 0.8, 1.5, 2.0])
+def test_fast_blur_matches_pil_gaussian_blur(photos_dir, radius):
+    for img in load_photos(photos_dir):
+        expected = np.asarray(img.filter(ImageFilter.GaussianBlur(radius)), dtype=np.int64)
+        got = utils._hwc_uint8(utils._pil_gaussian_blur_(utils._planar_float(img), radius)).astype(np.int64)
+        diff = np.abs(got - expected)
+        assert diff.mean() <= 0.6  # PIL rounds after each of its six passes, this once
+        assert diff.max() <= 4  # edges handled as PIL does (per-pass edge replication)
+
+
+def test_fast_views_match_faithful_views_with_same_seed(photos_dir):
+    photos = load_photos(photos_dir)
+    faithful = main_dino.DataAugmentationDINO((0.4, 1.), (0.05, 0.4), 2, False, global_crop_size=64,
+                                              local_crop_size=32)
+    fast = main_dino.DataAugmentationDINO((0.4, 1.), (0.05, 0.4), 2, True, global_crop_size=64,
+                                          local_crop_size=32)
+    std = torch.tensor((0.229, 0.224, 0.225)).view(3, 1, 1)
+    for seed in range(6):
+        img = photos[seed % 3]
+        views = []
+        for aug in (faithful, fast):
+            random.seed(seed)
+            torch.manual_seed(seed)
+            views.append(aug(img))
+            views.append((random.random(), torch.rand(1).item()))  # the draws that follow
+        (slow_views, slow_next), (fast_views, fast_next) = views[:2], views[2:]
+        assert slow_next == fast_next  # same number and order of random draws
+        assert [v.shape for v in fast_views] == [v.shape for v in slow_views]
+        for a, b in zip(slow_views, fast_views):
+            assert b.dtype == torch.float32 and b.is_contiguous()
+            assert float(((a - b).abs() * std * 255).mean()) <= 1.0  # in grey levels
+
+
+def test_benchmark_sides_compute_the_same_training_steps():
+    """benchmark.py's A (reference-equivalent) and B (this package) are the same maths: same losses, same teacher."""
+    args = benchmark.get_args_parser().parse_args([
+        "--arch", "vit_tiny", "--patch_size", "16", "--out_dim", "64", "--batch_size", "2", "--drop_path_rate", "0",
+        "--global_crop_size", "32", "--local_crop_size", "16", "--local_crops_number", "2", "--device", "cpu"])
+    accel = utils.Accelerator.create("cpu")
+    side_a, side_b, images = benchmark.build_sides(args, accel, "fp32")
+    assert side_a.mode == "fp32" and side_b.mode == "fp32"
+    assert not side_a.student.backbone.blocks[0].attn.use_sdpa and side_b.student.backbone.blocks[0].attn.use_sdpa
+    for step in range(2):
+        loss_a, loss_b = side_a(images), side_b(images)
+        torch.testing.assert_close(loss_b, loss_a, rtol=1e-4, atol=1e-5, msg=f"step {step}")
+    torch.testing.assert_close(side_b.loss.center, side_a.loss.center, rtol=1e-4, atol=1e-6)
+    for (name, a), b in zip(side_a.teacher.named_parameters(), side_b.teacher.parameters()):
+        torch.testing.assert_close(b, a, rtol=1e-3, atol=1e-5, msg=name)
+    moved = [not torch.equal(p, q) for p, q in zip(side_b.teacher.parameters(), side_b.student.parameters())]
+    assert any(moved)  # the steps did update the student
+
+
+def test_benchmark_script_reports_both_sides(photos_dir, tmp_path):
+    out = tmp_path / "bench.json"
+    proc = run_py("benchmark.py", "--what", "all", "--arch", "vit_tiny", "--patch_size", "16", "--out_dim", "64",
+                  "--batch_size", "2", "--global_crop_size", "32", "--local_crop_size", "16",
+                  "--local_crops_number", "2", "--steps", "1", "--rounds", "2", "--warmup", "0",
+                  "--data_images", "2", "--photos_dir", photos_dir, "--device", "cpu", "--json", out, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    step, data = json.loads(out.read_text())
+    assert step["what"] == "step" and step["A_precision"] == "fp32" and step["step_gflop"] > 0
+    for side in ("A", "B"):
+        assert len(step[side]["img_s_rounds"]) == 2 and step[side]["img_s_median"] > 0
+    assert step["ratio_median"] > 0 and "speed-up B/A" in proc.stdout
+    assert data["what"] == "data" and sorted(data["files"]) == ["astronaut.jpg", "chelsea.jpg", "coffee.jpg"]
+    for name in ("reference", "faithful (MultiCropDataset)", "fast", "fast (MultiCropDataset)"):
+        assert data[name]["img_s_cpu"] > 0
+
+
+def test_benchmark_bad_input_is_one_line_error(tmp_path):
+    proc = run_py("benchmark.py", "--what", "data", "--photos_dir", tmp_path / "missing", timeout=120)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().count("\n") == 0 and "--photos_dir is not a folder" in proc.stderr
+    with pytest.raises(utils.UserError, match="--steps must be at least 1"):
+        benchmark.run(benchmark.get_args_parser().parse_args(["--steps", "0"]))
