@@ -14,11 +14,12 @@
 """Side-by-side throughput: the reference's way of computing a DINO step or a sample, against this package's.
 
 --what step: one training step (teacher forward, student forward and backward, loss, clipping, AdamW, EMA) on
-    synthetic crops, computed A) as the reference does (explicit-softmax attention, the loss as a double loop
-    over view pairs, per-parameter clipping and EMA loops with host syncs, AdamW without foreach, fp16 autocast
-    with a GradScaler on GPUs and fp32 on CPUs) and B) as this package's trainer does (SDPA attention, the
-    loss as one matmul, fused clipping and EMA, the fastest exact AdamW, the precision of
-    utils.resolve_precision_mode). Same initial weights, crops and batch; A and B alternate, medians reported.
+    synthetic crops, computed A) as the reference does (explicit-softmax attention, the head's weight-norm
+    weight built every forward, the loss as a double loop over view pairs, per-parameter clipping and EMA loops
+    with host syncs, AdamW without foreach, fp16 autocast with a GradScaler on GPUs and fp32 on CPUs) and B) as
+    this package's trainer does (SDPA attention, the head's outputs scaled, the loss as one matmul, fused
+    clipping and EMA, the fastest exact AdamW, the precision of utils.resolve_precision_mode). Same initial
+    weights, crops and batch; A and B alternate (A, B, A, B, ...), medians reported.
 --what data: images/s of one process (one core, no DataLoader) turning JPEG files into the multi-crop views:
     the reference's augmentation, the same inside the seeding wrapper main_dino.MultiCropDataset, and the
     --use_color_jitter_opti fast path (unwrapped and wrapped).
@@ -30,7 +31,6 @@ import json
 import math
 import os
 import statistics
-import sys
 import tempfile
 import threading
 import time
@@ -469,7 +469,7 @@ def _bench_data(args, paths):
     ]
     print(f"data: {len(paths)} JPEG files, 2x{args.global_crop_size} + {args.local_crops_number}x"
           f"{args.local_crop_size} crops, one process, 1 torch thread, {args.data_images} images per pipeline "
-          f"per round", flush=True)
+          f"per round, pipelines interleaved image by image", flush=True)
     if not fast_available:
         print("  note: this utils.py has no fast colour jitter; 'fast' runs the faithful pipeline")
     for _, run in pipelines:
@@ -477,12 +477,17 @@ def _bench_data(args, paths):
     wall = {name: [] for name, _ in pipelines}
     cpu = {name: [] for name, _ in pipelines}
     for r in range(args.rounds):
-        for name, run in pipelines:
-            w0, c0 = time.perf_counter(), time.process_time()
-            for i in range(r * args.data_images, (r + 1) * args.data_images):
+        spent_wall = {name: 0.0 for name, _ in pipelines}
+        spent_cpu = {name: 0.0 for name, _ in pipelines}
+        for i in range(r * args.data_images, (r + 1) * args.data_images):
+            for name, run in pipelines:  # image by image, so that all pipelines see the same machine load
+                w0, c0 = time.perf_counter(), time.process_time()
                 run(i)
-            wall[name].append(args.data_images / (time.perf_counter() - w0))
-            cpu[name].append(args.data_images / max(time.process_time() - c0, 1e-9))
+                spent_wall[name] += time.perf_counter() - w0
+                spent_cpu[name] += time.process_time() - c0
+        for name, _ in pipelines:
+            wall[name].append(args.data_images / spent_wall[name])
+            cpu[name].append(args.data_images / max(spent_cpu[name], 1e-9))
         print(f"  round {r + 1}/{args.rounds}: " + ", ".join(f"{n} {cpu[n][-1]:.1f}" for n, _ in pipelines)
               + " img/s per CPU-second", flush=True)
     summary = {"what": "data", "files": [os.path.basename(p) for p in paths], "fast_available": fast_available}

@@ -30,12 +30,21 @@ def mean_abs_diff_levels(a, b):
     return float(np.abs(np.asarray(a, dtype=np.float64) - np.asarray(b, dtype=np.float64)).mean())
 
 
+@pytest.fixture
+def one_thread():
+    """Tiny tensors: one torch thread is fastest, and is not stalled by other busy processes."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def tiny_vit():
     torch.manual_seed(0)
     return vits.vit_tiny(patch_size=8)
 
 
-def test_sdpa_attention_matches_explicit_softmax_forward_and_gradients():
+def test_sdpa_attention_matches_explicit_softmax_forward_and_gradients(one_thread):
     model = tiny_vit()
     x = torch.randn(3, 3, 32, 32)
     grads, outputs = [], []
@@ -208,7 +217,7 @@ def test_fast_views_match_faithful_views_with_same_seed(photos_dir):
             assert float(((a - b).abs() * std * 255).mean()) <= 1.0  # in grey levels
 
 
-def test_benchmark_sides_compute_the_same_training_steps():
+def test_benchmark_sides_compute_the_same_training_steps(one_thread):
     """benchmark.py's A (reference-equivalent) and B (this package) are the same maths: same losses, same teacher."""
     args = benchmark.get_args_parser().parse_args([
         "--arch", "vit_tiny", "--patch_size", "16", "--out_dim", "64", "--batch_size", "2", "--drop_path_rate", "0",
@@ -231,7 +240,7 @@ def test_benchmark_script_reports_both_sides(photos_dir, tmp_path):
     out = tmp_path / "bench.json"
     proc = run_py("benchmark.py", "--what", "all", "--arch", "vit_tiny", "--patch_size", "16", "--out_dim", "64",
                   "--batch_size", "2", "--global_crop_size", "32", "--local_crop_size", "16",
-                  "--local_crops_number", "2", "--steps", "1", "--rounds", "2", "--warmup", "0",
+                  "--local_crops_number", "2", "--steps", "1", "--rounds", "2", "--warmup", "0", "--threads", "1",
                   "--data_images", "2", "--photos_dir", photos_dir, "--device", "cpu", "--json", out, timeout=300)
     assert proc.returncode == 0, proc.stderr
     step, data = json.loads(out.read_text())
