@@ -1,5 +1,6 @@
 """DINO on a small real image set (UCI digits), as a user runs it: main_dino.py, then eval_knn.py."""
 import json
+import math
 import re
 
 from conftest import write_digits
@@ -29,6 +30,9 @@ def test_training_on_digits_lowers_the_loss_and_improves_knn(tmp_path):
     assert [e["epoch"] for e in epochs] == [0, 1, 2]
     assert epochs[0]["train_loss"] < first_loss
     assert epochs[-1]["train_loss"] < 0.5 * epochs[0]["train_loss"]
+    # so sharp a teacher on 160 images ends in one-hot collapse after the first epoch: the monitor says so, once
+    assert trained.stdout.count("collapse suspected") == 1
+    assert "collapse suspected at epoch 1 (one-hot)" in trained.stdout and "--momentum_teacher" in trained.stdout
 
     common = ["--data_path", eval_root, "--nb_knn", "20", *EVAL_ARGS]
     after = run_py("eval_knn.py", "--pretrained_weights", out / "checkpoint.pth", *common)
@@ -36,3 +40,15 @@ def test_training_on_digits_lowers_the_loss_and_improves_knn(tmp_path):
     assert after.returncode == 0 and before.returncode == 0, after.stderr[-2000:] + before.stderr[-2000:]
     trained_top1, initial_top1 = knn_results(after.stdout)[20][0], knn_results(before.stdout)[20][0]
     assert trained_top1 > initial_top1 + 2.0, (trained_top1, initial_top1)
+
+
+def test_no_collapse_warning_on_a_healthy_run(tmp_path):
+    """The first epoch of the same run: the loss is far from ln(out_dim) and the teacher entropy from 0."""
+    train_root = write_digits(str(tmp_path / "train_digits"), n_train=160, n_val=1)
+    out = tmp_path / "run"
+    healthy = run_py("main_dino.py", "--data_path", train_root, "--output_dir", out, *BRIEF_TRAINING,
+                     "--num_steps", "10")  # the last value of a flag wins
+    assert healthy.returncode == 0, healthy.stderr[-2000:]
+    epoch = json.loads((out / "log.txt").read_text().splitlines()[-1])
+    assert epoch["train_teacher_entropy"] > 0.1 and epoch["train_loss"] < 0.9 * math.log(64)
+    assert "collapse suspected" not in healthy.stdout
