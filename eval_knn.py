@@ -27,7 +27,7 @@ from torchvision import datasets
 from torchvision import transforms as pth_transforms
 
 import utils
-from main_dino import VIT_ARCHS, OneLineErrorParser, build_backbone, load_rgb
+from main_dino import VIT_ARCHS, OneLineErrorParser, add_process_args, build_backbone, load_rgb
 from utils import UserError
 
 FEATURE_FILES = ("trainfeat.pth", "testfeat.pth", "trainlabels.pth", "testlabels.pth")
@@ -59,16 +59,7 @@ def get_args_parser():
         help='Images are resized (shorter side, bicubic) to this size...')
     parser.add_argument('--crop_size', default=224, type=int, help='...then center-cropped to this size.')
     parser.add_argument('--num_workers', default=10, type=int, help='Number of data loading workers per GPU.')
-    parser.add_argument('--device', default='auto', choices=utils.DEVICE_CHOICES,
-        help='auto: npu if torch_npu sees one, else cuda, else cpu.')
-    parser.add_argument('--bin', default=True, type=utils.bool_flag,
-        help='Ascend only: use precompiled (binary) operators instead of online compilation.')
-    parser.add_argument("--dist_url", default="env://", type=str, help="""url used to set up
-        distributed training; see https://pytorch.org/docs/stable/distributed.html""")
-    parser.add_argument('--dist_timeout', default=1800, type=int,
-        help='Seconds a collective may wait for the other processes.')
-    parser.add_argument("--local_rank", "--local-rank", dest="local_rank", default=0, type=int,
-        help="Please ignore and do not set this argument.")
+    add_process_args(parser)
     parser.add_argument('--data_path', default='/path/to/imagenet/', type=str,
         help='Dataset root holding train/ and val/ class folders (ImageFolder layout).')
     return parser

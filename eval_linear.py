@@ -29,7 +29,7 @@ from torchvision import transforms as pth_transforms
 
 import eval_knn
 import utils
-from main_dino import OneLineErrorParser, open_image
+from main_dino import OneLineErrorParser, add_process_args, open_image
 from utils import UserError
 
 CHECKPOINT_NAME = "checkpoint.pth.tar"
@@ -60,14 +60,7 @@ def get_args_parser():
     parser.add_argument('--train_augmentation', default=True, type=utils.bool_flag, help="""Random resized
         crops and horizontal flips of the training images (the reference). false: training images get the
         validation transform, e.g. for digits or text, where a flip changes the class.""")
-    parser.add_argument('--device', default='auto', choices=utils.DEVICE_CHOICES,
-        help='Where to run: auto picks npu, then cuda, then cpu.')
-    parser.add_argument("--dist_url", default="env://", type=str, help="""url used to set up
-        distributed training; see https://pytorch.org/docs/stable/distributed.html""")
-    parser.add_argument('--dist_timeout', default=900, type=int, help="""Seconds a collective may wait
-        for the other processes before the run fails.""")
-    parser.add_argument("--local_rank", "--local-rank", dest="local_rank", default=0, type=int,
-        help="Please ignore and do not set this argument.")
+    add_process_args(parser)
     parser.add_argument('--data_path', default='/path/to/imagenet/', type=str,
         help='Folder holding train/ and val/ class folders.')
     parser.add_argument('--num_workers', default=10, type=int, help='Number of data loading workers per device.')
@@ -341,6 +334,7 @@ def evaluate_saved_head(args, accel, model, embed_dim):
 def eval_linear(args):
     validate_args(args)
     accel = utils.init_distributed_mode(args)
+    accel.set_binary_mode(args.bin)
     print("git:\n  {}\n".format(utils.get_sha()))
     print("\n".join("%s: %s" % (k, str(v)) for k, v in sorted(dict(vars(args)).items())))
     Path(args.output_dir).mkdir(parents=True, exist_ok=True)

@@ -151,6 +151,12 @@ def get_args_parser():
         this many steps, for exact resume after a crash (0: only at the end of each epoch).""")
     parser.add_argument('--seed', default=0, type=int, help='Random seed.')
     parser.add_argument('--num_workers', default=10, type=int, help='Number of data loading workers per GPU.')
+    add_process_args(parser)
+    return parser
+
+
+def add_process_args(parser):
+    """Device and process-group flags, shared by every script."""
     parser.add_argument('--device', default='auto', choices=utils.DEVICE_CHOICES,
         help='auto: npu if torch_npu sees one, else cuda, else cpu.')
     parser.add_argument('--bin', default=True, type=utils.bool_flag,
@@ -161,7 +167,6 @@ def get_args_parser():
         for the other processes before the run fails (a dead process must not hang the others).""")
     parser.add_argument("--local_rank", "--local-rank", dest="local_rank", default=0, type=int,
         help="Please ignore and do not set this argument.")
-    return parser
 
 
 def validate_args(args):
