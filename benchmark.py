@@ -137,6 +137,14 @@ def reference_weight_norm_forward(layer):
 EPOCH, LR, WD, MOMENTUM, CLIP, FREEZE_LAST_LAYER = 1, 5e-4, 0.04, 0.996, 3.0, 1
 
 
+def set_lr_and_wd(optimizer):
+    """The trainer's per-step schedule update, with fixed values (only the first group is regularized)."""
+    for i, param_group in enumerate(optimizer.param_groups):
+        param_group["lr"] = LR
+        if i == 0:
+            param_group["weight_decay"] = WD
+
+
 class ReferenceStep(object):
     """Side A: one step of the reference's train_one_epoch, single process."""
     def __init__(self, student, teacher, args, accel):
@@ -153,10 +161,7 @@ class ReferenceStep(object):
         self.ema = utils.TeacherEMA(student, teacher, fused=False)
 
     def __call__(self, images):
-        for i, param_group in enumerate(self.optimizer.param_groups):
-            param_group["lr"] = LR
-            if i == 0:
-                param_group["weight_decay"] = WD
+        set_lr_and_wd(self.optimizer)
         with self.precision.autocast():
             teacher_output = self.teacher(images[:2])
             student_output = self.student(images)
@@ -204,10 +209,7 @@ class PackageStep(object):
                 m.head = torch.compile(m.head)
 
     def __call__(self, images):
-        for i, param_group in enumerate(self.optimizer.param_groups):
-            param_group["lr"] = LR
-            if i == 0:
-                param_group["weight_decay"] = WD
+        set_lr_and_wd(self.optimizer)
         with self.precision.autocast():
             with torch.no_grad():
                 teacher_output = self.teacher(images[:2])
