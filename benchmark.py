@@ -74,7 +74,8 @@ def get_args_parser():
     p.add_argument("--steps", default=5, type=int, help="timed steps of each side per round")
     p.add_argument("--warmup", default=2, type=int, help="untimed steps of each side before the rounds")
     p.add_argument("--rounds", default=5, type=int, help="A,B alternations; medians over rounds")
-    p.add_argument("--compile", action="store_true", help="torch.compile this package's backbone and head")
+    p.add_argument("--compile", action="store_true",
+                   help="add side C: B with main_dino.py --compile (each transformer block compiled)")
     p.add_argument("--threads", default=0, type=int, help="torch threads for the step (0: torch's default)")
     p.add_argument("--peak_tflops", default=0.0, type=float,
                    help="device peak for MFU when the device is not in the built-in table")
@@ -190,8 +191,8 @@ class ReferenceStep(object):
 
 class PackageStep(object):
     """Side B: one step as main_dino.Trainer.train_one_epoch runs it."""
-    def __init__(self, student, teacher, args, accel, mode):
-        self.name = "this package"
+    def __init__(self, student, teacher, args, accel, mode, compiled=False):
+        self.name = "this package, compiled blocks" if compiled else "this package"
         self.accel = accel
         self.student, self.teacher = student, teacher
         for m in (student, teacher):
@@ -203,10 +204,8 @@ class PackageStep(object):
         self.precision = utils.Precision(mode, accel)
         self.ema = utils.TeacherEMA(student, teacher, fused=True)
         self.pending_nonfinite = None
-        if args.compile:
-            for m in (student, teacher):
-                m.backbone = torch.compile(m.backbone)
-                m.head = torch.compile(m.head)
+        if compiled:
+            utils.compile_repeated_blocks([student, teacher], accel)
 
     def __call__(self, images):
         set_lr_and_wd(self.optimizer)
@@ -303,7 +302,8 @@ def time_steps(step, images, n, accel):
 
 
 def build_sides(args, accel, mode_b):
-    """Sides A and B from the same initial weights, and one batch of synthetic crops on the device."""
+    """Sides A and B (and C, B compiled, with --compile) from the same initial weights, and one batch of
+    synthetic crops on the device."""
     ns = argparse.Namespace(arch=args.arch, patch_size=args.patch_size, out_dim=args.out_dim,
                             drop_path_rate=args.drop_path_rate, use_bn_in_head=False, norm_last_layer=True)
     torch.manual_seed(0)
@@ -311,13 +311,16 @@ def build_sides(args, accel, mode_b):
     teacher.load_state_dict(student.state_dict())
     for p in teacher.parameters():
         p.requires_grad = False
-    student_b, teacher_b = copy.deepcopy(student), copy.deepcopy(teacher)
-    side_a = ReferenceStep(accel.to(student), accel.to(teacher), args, accel)
-    side_b = PackageStep(accel.to(student_b), accel.to(teacher_b), args, accel, mode_b)
+    sides = {"B": PackageStep(accel.to(copy.deepcopy(student)), accel.to(copy.deepcopy(teacher)), args, accel,
+                              mode_b)}
+    if getattr(args, "compile", False):
+        sides["C"] = PackageStep(accel.to(copy.deepcopy(student)), accel.to(copy.deepcopy(teacher)), args, accel,
+                                 mode_b, compiled=True)
+    sides = {"A": ReferenceStep(accel.to(student), accel.to(teacher), args, accel), **sides}
     g = torch.Generator().manual_seed(0)
     sizes = [args.global_crop_size] * 2 + [args.local_crop_size] * args.local_crops_number
     images = [accel.to(torch.randn(args.batch_size, 3, s, s, generator=g)) for s in sizes]
-    return side_a, side_b, images
+    return sides, images
 
 
 def bench_step(args, accel):
@@ -326,55 +329,62 @@ def bench_step(args, accel):
     mode_b = resolve_package_mode(args, accel)
     if mode_b == "fp16" and accel.kind == "cpu":
         raise UserError("--precision fp16 needs a GPU or NPU (CPUs: fp32 or bf16)")
-    side_a, side_b, images = build_sides(args, accel, mode_b)
+    sides, images = build_sides(args, accel, mode_b)
     sizes = [im.shape[-1] for im in images]
+    keys = list(sides)
+    fast = [k for k in keys if k != "A"]
 
     threads = torch.get_num_threads() if accel.kind == "cpu" else None
     print(f"step: {args.arch}/{args.patch_size}, batch {args.batch_size}, crops 2x{args.global_crop_size}"
           f" + {args.local_crops_number}x{args.local_crop_size}, out_dim {args.out_dim}, on "
           f"{accel.describe()}" + (f" ({threads} threads)" if threads else ""), flush=True)
-    print(f"  A {side_a.name}: {side_a.mode}, explicit attention, weight-norm weight built, loss double loop, "
-          f"per-parameter clip/EMA loops, AdamW(foreach=False)")
-    print(f"  B {side_b.name}: {side_b.mode}, SDPA attention, weight-norm by output scaling, DINOLoss matmul, "
-          f"fused clip/EMA, "
-          f"{type(side_b.optimizer).__name__}({_optimizer_kind(side_b.optimizer)})"
-          + (", torch.compile" if args.compile else ""), flush=True)
+    print(f"  A {sides['A'].name}: {sides['A'].mode}, explicit attention, weight-norm weight built, loss double "
+          f"loop, per-parameter clip/EMA loops, AdamW(foreach=False)")
+    for key in fast:
+        side = sides[key]
+        print(f"  {key} {side.name}: {side.mode}, SDPA attention, weight-norm by output scaling, DINOLoss matmul, "
+              f"fused clip/EMA, {type(side.optimizer).__name__}({_optimizer_kind(side.optimizer)})"
+              + (", torch.compile of each block" if key == "C" else ""), flush=True)
 
-    for side in (side_a, side_b):
-        for _ in range(args.warmup):
-            side(images)
-    flops = step_flops(side_a, images)  # explicit attention: every matmul is visible to the counter
+    for key in keys:
+        for _ in range(args.warmup if key != "C" else max(args.warmup, 2)):  # C compiles in its first steps
+            sides[key](images)
+    flops = step_flops(sides["A"], images)  # explicit attention: every matmul is visible to the counter
 
-    results = {key: {"img_s": [], "img_cpu_s": [], "mem_mb": []} for key in ("A", "B")}
-    ratios, cpu_ratios = [], []
+    results = {key: {"img_s": [], "img_cpu_s": [], "mem_mb": []} for key in keys}
+    ratios = {key: [] for key in fast}
+    cpu_ratios = {key: [] for key in fast}
     for r in range(args.rounds):
         rates, cpu_rates = {}, {}
-        for key, side in (("A", side_a), ("B", side_b)):
+        for key in keys:  # A, B(, C), A, B(, C), ...
             accel.reset_peak_memory()
-            elapsed, cpu_elapsed = time_steps(side, images, args.steps, accel)
+            elapsed, cpu_elapsed = time_steps(sides[key], images, args.steps, accel)
             rates[key] = args.steps * args.batch_size / elapsed
             cpu_rates[key] = args.steps * args.batch_size / max(cpu_elapsed, 1e-9)
             results[key]["img_s"].append(rates[key])
             results[key]["img_cpu_s"].append(cpu_rates[key])
             if accel.kind != "cpu":
                 results[key]["mem_mb"].append(accel.max_memory_mb())
-        ratios.append(rates["B"] / rates["A"])
-        cpu_ratios.append(cpu_rates["B"] / cpu_rates["A"])
-        cpu_text = (f" (per CPU-second: A {cpu_rates['A']:.2f}, B {cpu_rates['B']:.2f}, B/A {cpu_ratios[-1]:.2f}x)"
-                    if accel.kind == "cpu" else "")
-        print(f"  round {r + 1}/{args.rounds}: A {rates['A']:.2f} img/s, B {rates['B']:.2f} img/s, "
-              f"B/A {ratios[-1]:.2f}x{cpu_text}", flush=True)
+        for key in fast:
+            ratios[key].append(rates[key] / rates["A"])
+            cpu_ratios[key].append(cpu_rates[key] / cpu_rates["A"])
+        text = ", ".join(f"{k} {rates[k]:.2f}" for k in keys) + " img/s, " + ", ".join(
+            f"{k}/A {ratios[k][-1]:.2f}x" for k in fast)
+        if accel.kind == "cpu":
+            text += " (per CPU-second: " + ", ".join(f"{k}/A {cpu_ratios[k][-1]:.2f}x" for k in fast) + ")"
+        print(f"  round {r + 1}/{args.rounds}: {text}", flush=True)
     if accel.kind == "cpu":
-        for key, side in (("A", side_a), ("B", side_b)):
-            grown = cpu_step_memory_mb(side, images)
+        for key in keys:
+            grown = cpu_step_memory_mb(sides[key], images)
             results[key]["mem_mb"] = [grown] if grown is not None else []
 
     summary = {"what": "step", "device": accel.describe(), "threads": threads, "arch": args.arch,
                "patch_size": args.patch_size, "batch_size": args.batch_size, "out_dim": args.out_dim,
-               "crops": sizes, "compile": args.compile, "step_gflop": flops / 1e9,
-               "A_precision": side_a.mode, "B_precision": side_b.mode}
+               "crops": sizes, "compile": "C" in sides, "step_gflop": flops / 1e9,
+               **{f"{k}_precision": sides[k].mode for k in keys}}
     print(f"  model FLOPs per step: {flops / 1e9:.1f} GFLOP")
-    for key, side in (("A", side_a), ("B", side_b)):
+    for key in keys:
+        side = sides[key]
         rate = median(results[key]["img_s"])
         tflops = flops * rate / args.batch_size / 1e12
         peak = peak_tflops(args, accel, side.mode)
@@ -386,15 +396,17 @@ def bench_step(args, accel):
         summary[key] = {"img_s_median": rate, "img_s_rounds": results[key]["img_s"], "tflops": tflops,
                         "mfu": tflops / peak if peak else None, "memory_mb": mem,
                         "img_per_cpu_s_rounds": results[key]["img_cpu_s"]}
-    summary["ratio_median"] = median(ratios)
-    summary["ratio_rounds"] = ratios
-    summary["cpu_time_ratio_median"] = median(cpu_ratios)
-    summary["cpu_time_ratio_rounds"] = cpu_ratios
-    print(f"  speed-up B/A: {median(ratios):.2f}x (median of per-round ratios; "
-          f"ratio of medians {summary['B']['img_s_median'] / summary['A']['img_s_median']:.2f}x)", flush=True)
-    if accel.kind == "cpu":
-        print(f"  speed-up B/A in CPU time: {median(cpu_ratios):.2f}x (median of per-round ratios; robust to other "
-              f"processes when --threads 1)", flush=True)
+    for key in fast:
+        suffix = "" if key == "B" else f"_{key}"
+        summary[f"ratio{suffix}_median"] = median(ratios[key])
+        summary[f"ratio{suffix}_rounds"] = ratios[key]
+        summary[f"cpu_time_ratio{suffix}_median"] = median(cpu_ratios[key])
+        summary[f"cpu_time_ratio{suffix}_rounds"] = cpu_ratios[key]
+        print(f"  speed-up {key}/A: {median(ratios[key]):.2f}x (median of per-round ratios; ratio of medians "
+              f"{summary[key]['img_s_median'] / summary['A']['img_s_median']:.2f}x)", flush=True)
+        if accel.kind == "cpu":
+            print(f"  speed-up {key}/A in CPU time: {median(cpu_ratios[key]):.2f}x (median of per-round ratios; "
+                  f"robust to other processes when --threads 1)", flush=True)
     return summary
 
 

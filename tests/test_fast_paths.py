@@ -218,22 +218,28 @@ def test_fast_views_match_faithful_views_with_same_seed(photos_dir):
 
 
 def test_benchmark_sides_compute_the_same_training_steps(one_thread):
-    """benchmark.py's A (reference-equivalent) and B (this package) are the same maths: same losses, same teacher."""
+    """benchmark.py's A (reference-equivalent), B (this package) and C (B with compiled blocks) are the same
+    maths: same losses, same teacher."""
     args = benchmark.get_args_parser().parse_args([
         "--arch", "vit_tiny", "--patch_size", "16", "--out_dim", "64", "--batch_size", "2", "--drop_path_rate", "0",
-        "--global_crop_size", "32", "--local_crop_size", "16", "--local_crops_number", "2", "--device", "cpu"])
+        "--global_crop_size", "32", "--local_crop_size", "16", "--local_crops_number", "2", "--device", "cpu",
+        "--compile"])
     accel = utils.Accelerator.create("cpu")
-    side_a, side_b, images = benchmark.build_sides(args, accel, "fp32")
-    assert side_a.mode == "fp32" and side_b.mode == "fp32"
-    assert not side_a.student.backbone.blocks[0].attn.use_sdpa and side_b.student.backbone.blocks[0].attn.use_sdpa
+    sides, images = benchmark.build_sides(args, accel, "fp32")
+    side_a = sides["A"]
+    assert list(sides) == ["A", "B", "C"] and all(side.mode == "fp32" for side in sides.values())
+    assert not side_a.student.backbone.blocks[0].attn.use_sdpa and sides["B"].student.backbone.blocks[0].attn.use_sdpa
     for step in range(2):
-        loss_a, loss_b = side_a(images), side_b(images)
-        torch.testing.assert_close(loss_b, loss_a, rtol=1e-4, atol=1e-5, msg=f"step {step}")
-    torch.testing.assert_close(side_b.loss.center, side_a.loss.center, rtol=1e-4, atol=1e-6)
-    for (name, a), b in zip(side_a.teacher.named_parameters(), side_b.teacher.parameters()):
-        torch.testing.assert_close(b, a, rtol=1e-3, atol=1e-5, msg=name)
-    moved = [not torch.equal(p, q) for p, q in zip(side_b.teacher.parameters(), side_b.student.parameters())]
-    assert any(moved)  # the steps did update the student
+        loss_a = side_a(images)
+        for key in ("B", "C"):
+            torch.testing.assert_close(sides[key](images), loss_a, rtol=1e-4, atol=1e-5, msg=f"{key}, step {step}")
+    for key in ("B", "C"):
+        side = sides[key]
+        torch.testing.assert_close(side.loss.center, side_a.loss.center, rtol=1e-4, atol=1e-6)
+        for (name, a), b in zip(side_a.teacher.named_parameters(), side.teacher.parameters()):
+            torch.testing.assert_close(b, a, rtol=1e-3, atol=1e-5, msg=f"{key}: {name}")
+        moved = [not torch.equal(p, q) for p, q in zip(side.teacher.parameters(), side.student.parameters())]
+        assert any(moved)  # the steps did update the student
 
 
 def test_benchmark_script_reports_both_sides(photos_dir, tmp_path):
@@ -259,3 +265,29 @@ def test_benchmark_bad_input_is_one_line_error(tmp_path):
     assert proc.stderr.strip().count("\n") == 0 and "--photos_dir is not a folder" in proc.stderr
     with pytest.raises(utils.UserError, match="--steps must be at least 1"):
         benchmark.run(benchmark.get_args_parser().parse_args(["--steps", "0"]))
+
+
+def test_compiled_blocks_match_eager_forward_and_gradients_and_keep_checkpoint_names(one_thread):
+    """--compile: each block compiled in place computes what the eager block computes (no dropout, so no RNG)."""
+    eager = tiny_vit()
+    compiled = copy.deepcopy(eager)
+    eager_names = list(eager.state_dict())
+    assert utils.compile_repeated_blocks([compiled], utils.Accelerator.create("cpu")) == len(compiled.blocks)
+    assert list(compiled.state_dict()) == eager_names  # checkpoints keep the reference's keys
+    for shape in ((3, 3, 32, 32), (6, 3, 16, 16)):  # both crop resolutions of a step
+        x = torch.randn(*shape)
+        outputs, grads = [], []
+        for model in (eager, compiled):
+            model.zero_grad(set_to_none=True)
+            out = model(x)
+            (out * torch.linspace(-1, 1, out.shape[-1])).sum().backward()
+            outputs.append(out.detach())
+            grads.append({n: p.grad.clone() for n, p in model.named_parameters()})
+        torch.testing.assert_close(outputs[1], outputs[0], rtol=1e-4, atol=1e-5)
+        for name in grads[0]:
+            torch.testing.assert_close(grads[1][name], grads[0][name], rtol=1e-3, atol=1e-5, msg=name)
+    with torch.no_grad():  # the teacher's graph
+        x = torch.randn(2, 3, 32, 32)
+        torch.testing.assert_close(compiled(x), eager(x), rtol=1e-4, atol=1e-5)
+    from torch._dynamo.utils import counters
+    assert counters["stats"]["unique_graphs"] >= 3  # really compiled: train at two sizes, and no-grad

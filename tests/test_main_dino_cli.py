@@ -47,6 +47,7 @@ def assert_one_line_error(code, err, *words):
     (["--arch", "vit_giant"], ["vit_giant"]),
     (["--arch", "xcit_small_12_p16"], ["XCiT"]),
     (["--warmup_teacher_temp_epochs", "5", "--epochs", "2"], ["--warmup_teacher_temp_epochs"]),
+    (["--compile", "--arch", "resnet18"], ["--compile", "resnet18"]),
 ])
 def test_impossible_flags_end_in_one_line_errors(run_main, tmp_path, extra, words):
     code, err = run_main("--synthetic", "--device", "cpu", "--local_crop_size", "16", "--output_dir", tmp_path,

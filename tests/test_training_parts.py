@@ -220,3 +220,18 @@ def test_parser_keeps_reference_flags_and_aliases():
     assert aliased.batch_size_per_gpu == 8 and aliased.local_rank == 2
     with pytest.raises(SystemExit):
         parser.parse_args(["--batch", "8"])  # no prefix abbreviations
+
+
+@pytest.mark.parametrize("kind,module_compile,cxx,triton,words", [
+    ("npu", True, True, True, "Ascend"),
+    ("cpu", True, False, True, "C++ compiler"),
+    ("cuda", True, True, False, "triton"),
+    ("cuda", False, True, True, "torch >= 2.2"),
+])
+def test_compile_refuses_devices_it_cannot_run_on(kind, module_compile, cxx, triton, words):
+    assert words in utils.compile_unsupported_reason(kind, module_compile, cxx, triton)
+
+
+@pytest.mark.parametrize("kind", ["cpu", "cuda"])
+def test_compile_is_allowed_where_its_toolchain_exists(kind):
+    assert utils.compile_unsupported_reason(kind, True, True, True) is None
