@@ -158,3 +158,15 @@ def test_full_1p_on_digits(package, tmp_path):
     assert float(summary["ActualFPS"]) > 0 and float(summary["ActualLoss"]) > 0
     assert int(summary["E2ETrainingTime"]) >= 0
     assert (out_dir / "ckpt_full_1p" / "checkpoint.pth").is_file()
+
+
+def test_gpu_benchmark_script_refuses_a_machine_without_gpu(tmp_path):
+    """test/benchmark_gpu.sh checks for a CUDA device before spending minutes (CI machines have none)."""
+    import torch
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    result = subprocess.run(["bash", os.path.join(ROOT, "test", "benchmark_gpu.sh"), str(tmp_path / "out")],
+                            capture_output=True, text=True, timeout=120, env=dict(os.environ, PYTHON=sys.executable))
+    assert result.returncode == 1
+    assert result.stdout.strip().splitlines() == [f"[Error] no CUDA device is visible to {sys.executable}"]
+    assert os.path.isdir(tmp_path / "out") and not os.listdir(tmp_path / "out")
