@@ -538,7 +538,10 @@ def clip_gradients(model, clip, fused=False):
 
 def _foreach_norm(tensors):
     if hasattr(torch, "_foreach_norm"):
-        return list(torch._foreach_norm(tensors))
+        try:
+            return list(torch._foreach_norm(tensors))
+        except RuntimeError:  # a device backend without this multi-tensor kernel (NotImplementedError included)
+            pass
     return [t.norm(2) for t in tensors]
 
 
@@ -580,13 +583,17 @@ class TeacherEMA(object):
     def update(self, m):
         if self.fused:
             if hasattr(torch, "_foreach_lerp_"):  # teacher += (1 - m) * (student - teacher): one pass
-                torch._foreach_lerp_(self.teacher_params, self.student_params, 1 - m)
+                try:
+                    torch._foreach_lerp_(self.teacher_params, self.student_params, 1 - m)
+                    return
+                except RuntimeError:  # a device backend without the kernel (older torch_npu): it wrote nothing
+                    self.fused = False
             else:
                 torch._foreach_mul_(self.teacher_params, m)
                 torch._foreach_add_(self.teacher_params, self.student_params, alpha=1 - m)
-        else:
-            for param_q, param_k in zip(self.student_params, self.teacher_params):
-                param_k.data.mul_(m).add_((1 - m) * param_q.detach().data)
+                return
+        for param_q, param_k in zip(self.student_params, self.teacher_params):
+            param_k.data.mul_(m).add_((1 - m) * param_q.detach().data)
 
 
 class LARS(torch.optim.Optimizer):

@@ -82,6 +82,34 @@ def test_fused_teacher_ema_matches_parameter_loop():
     assert not torch.equal(next(teacher.parameters()), next(student.parameters()))
 
 
+def test_ema_and_clipping_fall_back_where_the_device_lacks_multi_tensor_kernels(monkeypatch):
+    """A backend without _foreach_lerp_/_foreach_norm (older torch_npu) gets the loop, with the same result."""
+    def missing(*args, **kwargs):
+        raise NotImplementedError("Could not run '_foreach_x' with arguments from the 'PrivateUse1' backend")
+    torch.manual_seed(0)
+    student = nn.Sequential(nn.Linear(7, 5), nn.Linear(5, 3))
+    teacher = copy.deepcopy(student)
+    with torch.no_grad():
+        for p in teacher.parameters():
+            p.add_(1.0)
+    teacher_loop = copy.deepcopy(teacher)
+    expected = utils.TeacherEMA(student, teacher_loop, fused=False)
+    ema = utils.TeacherEMA(student, teacher, fused=True)
+    monkeypatch.setattr(torch, "_foreach_lerp_", missing)
+    monkeypatch.setattr(torch, "_foreach_norm", missing)
+    for m in (0.9, 0.5):
+        ema.update(m)
+        expected.update(m)
+    assert not ema.fused
+    for a, b in zip(teacher.parameters(), teacher_loop.parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+    for p in student.parameters():
+        p.grad = torch.full_like(p, 10.0)
+    norms = utils.clip_gradients(student, 3.0, fused=True)
+    torch.testing.assert_close(norms, torch.stack([torch.full_like(p, 10.0).norm() for p in student.parameters()]))
+    assert all(p.grad.norm() <= 3.0 * (1 + 1e-5) for p in student.parameters())
+
+
 def test_fused_gradient_clipping_matches_per_parameter_clipping():
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(6, 4), nn.Linear(4, 4), nn.Linear(4, 2))
