@@ -1044,7 +1044,7 @@ def compile_unsupported_reason(kind, has_module_compile, has_cxx, has_triton):
     return None
 
 
-def _has_cxx():
+def has_cxx_compiler():
     import shutil
     candidates = [os.environ.get("CXX", ""), "g++", "c++", "clang++"]
     return any(c and shutil.which(c) for c in candidates)
@@ -1070,7 +1070,7 @@ def compile_repeated_blocks(models, accelerator):
     and so checkpoints, are unchanged.
     """
     reason = compile_unsupported_reason(accelerator.kind, hasattr(nn.Module, "compile"),
-                                        _has_cxx() if accelerator.kind == "cpu" else True,
+                                        has_cxx_compiler() if accelerator.kind == "cpu" else True,
                                         _has_triton() if accelerator.kind == "cuda" else True)
     if reason:
         raise UserError(reason)
@@ -1078,6 +1078,9 @@ def compile_repeated_blocks(models, accelerator):
     for name in ("recompile_limit", "cache_size_limit"):
         if hasattr(torch._dynamo.config, name):
             setattr(torch._dynamo.config, name, max(getattr(torch._dynamo.config, name), COMPILE_RECOMPILE_LIMIT))
+    # Dynamo's DDP graph splitting is for whole-model graphs; a block is far smaller than a DDP bucket, and the
+    # splitter fails on the block's float input (its drop-path rate).
+    torch._dynamo.config.optimize_ddp = False
     compiled = 0
     for model in models:
         for module in model.modules():

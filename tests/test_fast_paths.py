@@ -245,6 +245,7 @@ def test_fast_views_match_faithful_views_with_same_seed(photos_dir):
             assert float(((a - b).abs() * std * 255).mean()) <= 1.0  # in grey levels
 
 
+@pytest.mark.skipif(not utils.has_cxx_compiler(), reason="side C (--compile) on a CPU needs a C++ compiler")
 def test_benchmark_sides_compute_the_same_training_steps(one_thread):
     """benchmark.py's A (reference-equivalent), B (this package) and C (B with compiled blocks) are the same
     maths: same losses, same teacher."""
@@ -295,6 +296,7 @@ def test_benchmark_bad_input_is_one_line_error(tmp_path):
         benchmark.run(benchmark.get_args_parser().parse_args(["--steps", "0"]))
 
 
+@pytest.mark.skipif(not utils.has_cxx_compiler(), reason="--compile on a CPU needs a C++ compiler")
 def test_compiled_blocks_match_eager_forward_and_gradients_and_keep_checkpoint_names(one_thread):
     """--compile: each block compiled in place computes what the eager block computes (no dropout, so no RNG)."""
     eager = tiny_vit()

@@ -10,6 +10,7 @@ import torch
 from PIL import Image
 
 import main_dino
+import utils
 from helpers import ROOT, TINY_TRAIN_ARGS, run_py
 
 
@@ -138,13 +139,20 @@ def test_synthetic_run_writes_a_reference_format_checkpoint_and_resumes(tmp_path
     assert throughput(second.stdout) > 0
 
 
-def test_two_processes_with_torchrun_on_cpu(tmp_path):
+@pytest.mark.parametrize("compiled", [
+    False,
+    pytest.param(True, marks=pytest.mark.skipif(not utils.has_cxx_compiler(), reason="--compile needs a C++ compiler")),
+])
+def test_two_processes_with_torchrun_on_cpu(tmp_path, compiled):
     out = tmp_path / "ddp"
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
            os.path.join(ROOT, "main_dino.py"), *SYNTHETIC, "--num_steps", "3", "--output_dir", str(out)]
+    if compiled:  # the compiled blocks inside DistributedDataParallel (drop path on)
+        cmd += ["--compile", "--drop_path_rate", "0.1"]
     result = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
+    assert ("transformer blocks (compiled" in result.stdout) == compiled
     assert "distributed init (rank 0/2)" in result.stdout + result.stderr
     assert "distributed init (rank 1/2)" in result.stdout + result.stderr
     assert throughput(result.stdout) > 0

@@ -91,6 +91,20 @@ def test_sigkill_then_same_command_gives_the_uninterrupted_teacher(small_digits,
     assert max_abs_diff(teacher_of(out), uninterrupted) <= 1e-6
 
 
+@pytest.mark.skipif(not utils.has_cxx_compiler(), reason="--compile on a CPU needs a C++ compiler")
+def test_compiled_run_resumes_exactly(small_digits, tmp_path):
+    """--compile: drop-path masks come from the compiler's random stream, which the checkpoint's RNG state seeds."""
+    def run(out, steps):
+        result = subprocess.run(train_cmd(small_digits, out, 0, ["--compile", "--num_steps", str(steps)]), cwd=ROOT,
+                                env=env(), capture_output=True, text=True, timeout=600)
+        assert result.returncode == 0, result.stderr[-3000:]
+        return result.stdout
+    run(tmp_path / "straight", 10)
+    run(tmp_path / "resumed", 5)
+    assert "Resuming from epoch 0, step 5." in run(tmp_path / "resumed", 10)
+    assert max_abs_diff(teacher_of(tmp_path / "resumed"), teacher_of(tmp_path / "straight")) == 0.0
+
+
 def test_kill_during_save_keeps_the_previous_checkpoint(tmp_path):
     path = tmp_path / "checkpoint.pth"
     writer = (
