@@ -44,21 +44,29 @@ def tiny_vit():
     return vits.vit_tiny(patch_size=8)
 
 
+def output_and_gradients(model, x):
+    """The model's output on x, and the gradients of a fixed weighted sum of it."""
+    model.zero_grad(set_to_none=True)
+    out = model(x)
+    (out * torch.linspace(-1, 1, out.shape[-1])).sum().backward()
+    return out.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}
+
+
+def assert_same_output_and_gradients(a, b):
+    torch.testing.assert_close(b[0], a[0], rtol=1e-4, atol=1e-5)
+    assert a[1].keys() == b[1].keys()
+    for name in a[1]:
+        torch.testing.assert_close(b[1][name], a[1][name], rtol=1e-3, atol=1e-5, msg=name)
+
+
 def test_sdpa_attention_matches_explicit_softmax_forward_and_gradients(one_thread):
     model = tiny_vit()
     x = torch.randn(3, 3, 32, 32)
-    grads, outputs = [], []
+    results = []
     for fused in (False, True):
         model.set_fused_attention(fused)
-        model.zero_grad(set_to_none=True)
-        out = model(x)
-        (out * torch.linspace(-1, 1, out.shape[-1])).sum().backward()
-        outputs.append(out.detach())
-        grads.append({n: p.grad.clone() for n, p in model.named_parameters()})
-    torch.testing.assert_close(outputs[1], outputs[0], rtol=1e-4, atol=1e-5)
-    assert grads[0].keys() == grads[1].keys()
-    for name in grads[0]:
-        torch.testing.assert_close(grads[1][name], grads[0][name], rtol=1e-3, atol=1e-5, msg=name)
+        results.append(output_and_gradients(model, x))
+    assert_same_output_and_gradients(*results)
     # the explicit path is the one that exposes attention maps
     assert model.get_last_selfattention(x).shape == (3, 3, 17, 17)
 
@@ -306,16 +314,7 @@ def test_compiled_blocks_match_eager_forward_and_gradients_and_keep_checkpoint_n
     assert list(compiled.state_dict()) == eager_names  # checkpoints keep the reference's keys
     for shape in ((3, 3, 32, 32), (6, 3, 16, 16)):  # both crop resolutions of a step
         x = torch.randn(*shape)
-        outputs, grads = [], []
-        for model in (eager, compiled):
-            model.zero_grad(set_to_none=True)
-            out = model(x)
-            (out * torch.linspace(-1, 1, out.shape[-1])).sum().backward()
-            outputs.append(out.detach())
-            grads.append({n: p.grad.clone() for n, p in model.named_parameters()})
-        torch.testing.assert_close(outputs[1], outputs[0], rtol=1e-4, atol=1e-5)
-        for name in grads[0]:
-            torch.testing.assert_close(grads[1][name], grads[0][name], rtol=1e-3, atol=1e-5, msg=name)
+        assert_same_output_and_gradients(output_and_gradients(eager, x), output_and_gradients(compiled, x))
     with torch.no_grad():  # the teacher's graph
         x = torch.randn(2, 3, 32, 32)
         torch.testing.assert_close(compiled(x), eager(x), rtol=1e-4, atol=1e-5)
