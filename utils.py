@@ -26,6 +26,7 @@ import math
 import os
 import random
 import re
+import shutil
 import subprocess
 import sys
 import time
@@ -1045,7 +1046,6 @@ def compile_unsupported_reason(kind, has_module_compile, has_cxx, has_triton):
 
 
 def has_cxx_compiler():
-    import shutil
     candidates = [os.environ.get("CXX", ""), "g++", "c++", "clang++"]
     return any(c and shutil.which(c) for c in candidates)
 
