@@ -5,6 +5,7 @@
 #   2. the same with --amp (B and C in bf16);
 #   3. a 40-step main_dino.py --synthetic run with --amp, to check the trainer end to end on the GPU.
 # Results (JSON and logs) go to the folder given as the first argument (default: test/output/gpu_bench).
+# Each step has its own time limit (9 minutes in all at most).
 #   bash test/benchmark_gpu.sh [OUTPUT_DIR]
 set -u
 set -o pipefail
@@ -25,11 +26,11 @@ nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=c
 status=0
 common=(--what step --device cuda --arch vit_small --patch_size 16 --batch_size 64 --steps 5 --rounds 3
         --warmup 3 --compile)
-timeout 240 "$PYTHON" benchmark.py "${common[@]}" --json "$out_dir/step_fp16.json" 2>&1 \
+timeout 210 "$PYTHON" benchmark.py "${common[@]}" --json "$out_dir/step_fp16.json" 2>&1 \
     | tee "$out_dir/step_fp16.log" || status=1
-timeout 240 "$PYTHON" benchmark.py "${common[@]}" --amp --json "$out_dir/step_bf16.json" 2>&1 \
+timeout 210 "$PYTHON" benchmark.py "${common[@]}" --amp --json "$out_dir/step_bf16.json" 2>&1 \
     | tee "$out_dir/step_bf16.log" || status=1
-timeout 180 "$PYTHON" main_dino.py --synthetic --device cuda --arch vit_small --patch_size 16 --batch_size 64 \
+timeout 120 "$PYTHON" main_dino.py --synthetic --device cuda --arch vit_small --patch_size 16 --batch_size 64 \
     --amp --epochs 1 --warmup_epochs 0 --num_steps 40 --num_workers 2 \
     --output_dir "${TMPDIR:-/tmp}/dino_gpu_check" 2>&1 \
     | grep -v "^Epoch" | tee "$out_dir/train.log" || status=1
