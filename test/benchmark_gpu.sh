@@ -18,6 +18,7 @@ cd "$root_dir" || exit 1
 PYTHON=${PYTHON:-$(command -v python3 || command -v python)}
 export PYTHONUNBUFFERED=1
 
+"$PYTHON" -c "import torch" 2>/dev/null || { echo "[Error] $PYTHON cannot import torch"; exit 1; }
 "$PYTHON" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)" || {
     echo "[Error] no CUDA device is visible to $PYTHON"; exit 1; }
 nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv 2>&1 | tee "$out_dir/gpu.txt"
