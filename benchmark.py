@@ -216,9 +216,9 @@ class PackageStep(object):
             loss = self.loss(student_output, teacher_output, EPOCH)
         self.optimizer.zero_grad(set_to_none=True)
         self.precision.backward(loss, self.optimizer)
-        if self.pending_nonfinite is not None and self.pending_nonfinite.item():  # the previous step's flag
+        if self.pending_nonfinite is not None and self.pending_nonfinite.get().item():  # the previous step's flag
             raise UserError("this package's step: loss is not finite")
-        self.pending_nonfinite = ~torch.isfinite(loss.detach())
+        self.pending_nonfinite = self.accel.host_copy(~torch.isfinite(loss.detach()))
         self.precision.unscale_(self.optimizer)
         utils.clip_gradients(self.student, CLIP, fused=True)
         utils.cancel_gradients_last_layer(EPOCH, self.student, FREEZE_LAST_LAYER)

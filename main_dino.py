@@ -743,7 +743,7 @@ class Trainer(object):
 
             self.optimizer.zero_grad(set_to_none=True)
             self.precision.backward(loss, self.optimizer)
-            # Read the previous step's flag now, while this step's work is queued: no pipeline drain.
+            # Read the previous step's flag now, while this step's work stays queued (HostCopy: no drain on GPUs).
             if pending_nonfinite is not None:
                 self.stop_if_nonfinite(*pending_nonfinite)
             pending_nonfinite = (self.nonfinite_flag(loss), loss.detach(), epoch, it)
@@ -791,11 +791,12 @@ class Trainer(object):
             os.kill(os.getpid(), 9)
 
     def nonfinite_flag(self, loss):
+        """How many processes had a non-finite loss at this step, as a utils.HostCopy."""
         flag = (~torch.isfinite(loss.detach())).float().reshape(1)
-        return utils.all_reduce_sum(flag)
+        return self.accel.host_copy(utils.all_reduce_sum(flag))
 
     def stop_if_nonfinite(self, flag, loss, epoch, step):
-        if flag.item() == 0:
+        if flag.get().item() == 0:
             return
         value = loss.item()
         raise UserError(

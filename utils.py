@@ -902,10 +902,36 @@ class Accelerator(object):
         if self.kind == "npu" and hasattr(torch.npu, "set_compile_mode"):
             torch.npu.set_compile_mode(jit_compile=not enabled)
 
+    def host_copy(self, tensor):
+        """A small tensor's value for the host, read later without waiting for work queued after this call."""
+        return HostCopy(tensor, self.kind)
+
     def describe(self):
         if self.kind == "cuda":
             return f"cuda:{self.index} ({torch.cuda.get_device_name(self.device)})"
         return str(self.device)
+
+
+class HostCopy(object):
+    """A device tensor's value on its way to the host.
+
+    On CUDA the copy goes to pinned memory behind an event, so get() waits only for the work queued before the
+    copy, not for the steps queued since (a plain .item() would drain the whole queue). Elsewhere get() copies
+    when called: free on CPUs, and the plain synchronous copy on NPUs.
+    """
+    def __init__(self, tensor, kind):
+        self.tensor = tensor.detach().clone()  # a snapshot on every device
+        self.event = None
+        if kind == "cuda":
+            self.tensor = torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=True).copy_(tensor,
+                                                                                              non_blocking=True)
+            self.event = torch.cuda.Event()
+            self.event.record()
+
+    def get(self):
+        if self.event is not None:
+            self.event.synchronize()
+        return self.tensor.cpu()
 
 
 def resolve_precision_mode(kind, amp=False, use_fp16=False, apex_available=False, bf16_supported=True):

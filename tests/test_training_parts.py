@@ -235,3 +235,12 @@ def test_compile_refuses_devices_it_cannot_run_on(kind, module_compile, cxx, tri
 @pytest.mark.parametrize("kind", ["cpu", "cuda"])
 def test_compile_is_allowed_where_its_toolchain_exists(kind):
     assert utils.compile_unsupported_reason(kind, True, True, True) is None
+
+
+def test_host_copy_is_a_snapshot_read_later():
+    accel = utils.Accelerator.create("cpu")
+    flag = torch.tensor([0.0])
+    copy = accel.host_copy(flag)
+    flag.add_(1.0)  # what the device does after the copy does not change the value read
+    assert copy.get().item() == 0.0 and copy.get().device.type == "cpu"
+    assert accel.host_copy(flag).get().item() == 1.0
