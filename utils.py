@@ -920,13 +920,14 @@ class HostCopy(object):
     when called: free on CPUs, and the plain synchronous copy on NPUs.
     """
     def __init__(self, tensor, kind):
-        self.tensor = tensor.detach().clone()  # a snapshot on every device
         self.event = None
         if kind == "cuda":
-            self.tensor = torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=True).copy_(tensor,
-                                                                                              non_blocking=True)
+            self.tensor = torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=True)
+            self.tensor.copy_(tensor.detach(), non_blocking=True)
             self.event = torch.cuda.Event()
             self.event.record()
+        else:
+            self.tensor = tensor.detach().clone()  # a snapshot, as the CUDA copy is
 
     def get(self):
         if self.event is not None:
