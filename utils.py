@@ -1085,22 +1085,29 @@ def _has_triton():
         return _import_optional("triton") is not None
 
 
-# One compiled Block graph per (drop path or not, grad mode, shape family); the default limit of 8 is too tight.
+# One compiled graph per (grad mode, shape family, drop path or class-token-only block); 8, the default, is too few.
 COMPILE_RECOMPILE_LIMIT = 32
+COMPILE_UNITS = ("blocks", "branches")
 
 
-def compile_repeated_blocks(models, accelerator):
-    """--compile: torch.compile each transformer block in place.
+def compile_repeated_blocks(models, accelerator, units=None):
+    """--compile: torch.compile the transformer blocks in place.
 
-    All blocks share one code object, so the few graphs compiled for the first block serve every block of the
-    student and the teacher (tens of seconds instead of minutes for a whole-model compile). Parameter names,
-    and so checkpoints, are unchanged.
+    units="blocks" compiles each block whole (its residual adds and drop path fused in); "branches" compiles
+    each block's attention and MLP and leaves the block's own few lines eager, so that on CPUs drop path can
+    skip the samples it drops (vision_transformer.Block._add_branch), which a compiled graph cannot. Default:
+    branches on CPUs, blocks elsewhere. All blocks share their code objects, so the few graphs compiled for
+    the first block serve every block of the student and the teacher (tens of seconds instead of minutes for
+    a whole-model compile). Parameter names, and so checkpoints, are unchanged. Returns the number of blocks.
     """
     reason = compile_unsupported_reason(accelerator.kind, hasattr(nn.Module, "compile"),
                                         has_cxx_compiler() if accelerator.kind == "cpu" else True,
                                         _has_triton() if accelerator.kind == "cuda" else True)
     if reason:
         raise UserError(reason)
+    units = units or ("branches" if accelerator.kind == "cpu" else "blocks")
+    if units not in COMPILE_UNITS:
+        raise ValueError(f"units must be one of {COMPILE_UNITS}, not {units!r}")
     import torch._dynamo
     for name in ("recompile_limit", "cache_size_limit"):
         if hasattr(torch._dynamo.config, name):
@@ -1114,7 +1121,11 @@ def compile_repeated_blocks(models, accelerator):
             blocks = getattr(module, "blocks", None)
             if isinstance(blocks, nn.ModuleList):
                 for block in blocks:
-                    block.compile()
+                    if units == "blocks":
+                        block.compile()
+                    else:
+                        block.attn.compile()
+                        block.mlp.compile()
                     compiled += 1
     if compiled == 0:
         raise UserError("--compile applies to the transformer blocks of ViT backbones; this model has none")

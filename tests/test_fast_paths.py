@@ -71,6 +71,88 @@ def test_sdpa_attention_matches_explicit_softmax_forward_and_gradients(one_threa
     assert model.get_last_selfattention(x).shape == (3, 3, 17, 17)
 
 
+@pytest.mark.parametrize("fused", [False, True])
+def test_class_token_only_last_block_matches_full_last_block(one_thread, fused):
+    """forward() returns the class token, so the last block runs its attention output, projection and MLP for
+    that token alone: same output and gradients as the full block, the same drop-path draws (train mode)."""
+    torch.manual_seed(0)
+    model = vits.vit_tiny(patch_size=8, drop_path_rate=0.3)
+    model.set_fused_attention(fused)
+    for shape in ((3, 3, 32, 32), (4, 3, 16, 16)):  # both crop resolutions of a step
+        x = torch.randn(*shape)
+        results = []
+        for cls_only in (False, True):
+            model.last_block_cls_only = cls_only
+            torch.manual_seed(1)
+            results.append(output_and_gradients(model, x))
+            results[-1] += (torch.rand(1),)  # the random stream goes on from the same place
+        assert_same_output_and_gradients(*results)
+        assert torch.equal(results[0][2], results[1][2])
+    model.eval()
+    x = torch.randn(2, 3, 32, 32)
+    last = model.blocks[-1]
+    tokens = model.prepare_tokens(x)
+    assert last(tokens, cls_only=True).shape == (2, 1, model.embed_dim)
+    torch.testing.assert_close(last(tokens, cls_only=True), last(tokens)[:, :1], rtol=1e-4, atol=1e-5)
+    # the per-token outputs keep the full last block
+    assert model.get_intermediate_layers(x)[0].shape == (2, 17, model.embed_dim)
+    torch.testing.assert_close(model.get_intermediate_layers(x)[0][:, 0], model(x), rtol=1e-4, atol=1e-5)
+
+
+def reference_block_forward(block, x):
+    """The reference's Block.forward: both branches computed for every sample, then masked by drop path."""
+    x = x + block.drop_path(block.attn(block.norm1(x))[0])
+    return x + block.drop_path(block.mlp(block.norm2(x)))
+
+
+@pytest.mark.parametrize("amp", [False, True])
+def test_drop_path_skipping_dropped_samples_matches_masked_branches(one_thread, amp):
+    """On CPUs a block runs its branches only for the samples drop path keeps: same outputs, gradients and random
+    stream as the reference's masked form, in fp32 and under bf16 autocast (where the draw is in bf16)."""
+    torch.manual_seed(0)
+    block = vits.vit_tiny(patch_size=8, drop_path_rate=1.0).blocks[-1].train()
+    block.drop_path.drop_prob = 0.5
+    weights = torch.randn(7, 17, 192)
+    dropped_some = kept_some = False
+    for seed in range(6):
+        results = []
+        for forward in (reference_block_forward, vits.Block.forward):
+            x = torch.randn(7, 17, 192, generator=torch.Generator().manual_seed(seed), requires_grad=True)
+            block.zero_grad(set_to_none=True)
+            torch.manual_seed(seed)
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=amp):
+                out = forward(block, x)
+            (out.float() * weights).sum().backward()
+            grads = {n: p.grad.clone() for n, p in block.named_parameters()}
+            results.append((out.detach().float(), x.grad.clone(), grads, torch.rand(2)))
+        (out_a, dx_a, grads_a, after_a), (out_b, dx_b, grads_b, after_b) = results
+        assert torch.equal(after_a, after_b)  # the same number of draws, in the same order
+        assert torch.equal(out_b, out_a)  # kept rows: the same ops; dropped rows: the shortcut itself
+        tol = dict(rtol=2e-2, atol=2e-3) if amp else dict(rtol=1e-4, atol=1e-6)
+        torch.testing.assert_close(dx_b, dx_a, **tol)
+        for name in grads_a:
+            torch.testing.assert_close(grads_b[name], grads_a[name], **tol, msg=name)
+        unchanged = (out_a - x.detach()).flatten(1).abs().amax(1) == 0  # samples whose two branches both dropped
+        dropped_some |= bool(unchanged.any())
+        kept_some |= bool((~unchanged).any())
+    assert dropped_some and kept_some
+
+
+def test_drop_path_with_every_sample_dropped_still_gives_the_branches_gradients(monkeypatch):
+    """DistributedDataParallel expects a gradient for every parameter: a branch that drops all its samples runs
+    in the masked form (zero gradients) rather than being left out of the graph."""
+    torch.manual_seed(0)
+    block = vits.vit_tiny(patch_size=8, drop_path_rate=1.0).blocks[-1].train()
+    block.drop_path.drop_prob = 0.5
+    monkeypatch.setattr(torch, "rand", lambda shape, **kw: torch.zeros(shape, **kw))  # keep 0.5 + 0 -> floor 0
+    x = torch.randn(3, 17, 192)
+    out = vits.Block.forward(block, x)
+    assert torch.equal(out, x)
+    out.sum().backward()
+    for name, p in block.named_parameters():
+        assert p.grad is not None and not p.grad.any(), name
+
+
 def test_fused_teacher_ema_matches_parameter_loop():
     torch.manual_seed(0)
     student = nn.Sequential(nn.Linear(7, 5), nn.LayerNorm(5), nn.Linear(5, 3))
@@ -266,6 +348,7 @@ def test_benchmark_sides_compute_the_same_training_steps(one_thread):
     side_a = sides["A"]
     assert list(sides) == ["A", "B", "C"] and all(side.mode == "fp32" for side in sides.values())
     assert not side_a.student.backbone.blocks[0].attn.use_sdpa and sides["B"].student.backbone.blocks[0].attn.use_sdpa
+    assert not side_a.teacher.backbone.last_block_cls_only and sides["B"].teacher.backbone.last_block_cls_only
     for step in range(2):
         loss_a = side_a(images)
         for key in ("B", "C"):
@@ -305,18 +388,34 @@ def test_benchmark_bad_input_is_one_line_error(tmp_path):
 
 
 @pytest.mark.skipif(not utils.has_cxx_compiler(), reason="--compile on a CPU needs a C++ compiler")
-def test_compiled_blocks_match_eager_forward_and_gradients_and_keep_checkpoint_names(one_thread):
-    """--compile: each block compiled in place computes what the eager block computes (no dropout, so no RNG)."""
-    eager = tiny_vit()
+@pytest.mark.parametrize("units", ["blocks", "branches"])
+def test_compiled_blocks_match_eager_forward_and_gradients_and_keep_checkpoint_names(one_thread, units):
+    """--compile: blocks compiled in place compute what eager blocks compute. Whole blocks draw drop path from the
+    compiler's random stream, so they are compared without it; with compiled branches (the CPU default) the block's
+    drop path stays eager: same draws, same skipped samples."""
+    from torch._dynamo.utils import counters
+    counters.clear()
+    torch.manual_seed(0)
+    eager = vits.vit_tiny(patch_size=8, drop_path_rate=0.0 if units == "blocks" else 0.5)
     compiled = copy.deepcopy(eager)
     eager_names = list(eager.state_dict())
-    assert utils.compile_repeated_blocks([compiled], utils.Accelerator.create("cpu")) == len(compiled.blocks)
+    assert utils.compile_repeated_blocks([compiled], utils.Accelerator.create("cpu"), units=units) == 12
     assert list(compiled.state_dict()) == eager_names  # checkpoints keep the reference's keys
-    for shape in ((3, 3, 32, 32), (6, 3, 16, 16)):  # both crop resolutions of a step
+    for shape in ((3, 3, 32, 32), (6, 3, 16, 16), (6, 3, 16, 16)):  # both crop resolutions of a step, twice
         x = torch.randn(*shape)
-        assert_same_output_and_gradients(output_and_gradients(eager, x), output_and_gradients(compiled, x))
+        results = []
+        for model in (eager, compiled):
+            torch.manual_seed(1)
+            results.append(output_and_gradients(model, x))
+        assert_same_output_and_gradients(*results)
     with torch.no_grad():  # the teacher's graph
         x = torch.randn(2, 3, 32, 32)
-        torch.testing.assert_close(compiled(x), eager(x), rtol=1e-4, atol=1e-5)
-    from torch._dynamo.utils import counters
+        outputs = []
+        for model in (eager, compiled):
+            torch.manual_seed(2)
+            outputs.append(model(x))
+        torch.testing.assert_close(outputs[1], outputs[0], rtol=1e-4, atol=1e-5)
     assert counters["stats"]["unique_graphs"] >= 3  # really compiled: train at two sizes, and no-grad
+    block = compiled.blocks[0]
+    compiled_parts = [m for m in (block, block.attn, block.mlp) if getattr(m, "_compiled_call_impl", None)]
+    assert compiled_parts == ([block] if units == "blocks" else [block.attn, block.mlp])
