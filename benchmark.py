@@ -155,6 +155,8 @@ class ReferenceStep(object):
         for m in (student, teacher):
             m.backbone.set_fused_attention(False)
             m.backbone.last_block_cls_only = False
+            for block in m.backbone.blocks:
+                block.skip_dropped_samples = False
             m.head.last_layer.forward = reference_weight_norm_forward(m.head.last_layer)
         self.loss = accel.to(ReferenceDINOLoss(args.out_dim, args.local_crops_number + 2))
         self.optimizer = torch.optim.AdamW(utils.get_params_groups(student), foreach=False)
@@ -199,6 +201,8 @@ class PackageStep(object):
         for m in (student, teacher):
             m.backbone.set_fused_attention(True)
             m.backbone.last_block_cls_only = True
+            for block in m.backbone.blocks:
+                block.skip_dropped_samples = True
         self.loss = accel.to(main_dino.DINOLoss(args.out_dim, args.local_crops_number + 2, 0.04, 0.04, 0,
                                                 EPOCH + 1))
         self.optimizer = utils.build_optimizer("adamw", utils.get_params_groups(student), accel)
@@ -340,12 +344,12 @@ def bench_step(args, accel):
     print(f"step: {args.arch}/{args.patch_size}, batch {args.batch_size}, crops 2x{args.global_crop_size}"
           f" + {args.local_crops_number}x{args.local_crop_size}, out_dim {args.out_dim}, on "
           f"{accel.describe()}" + (f" ({threads} threads)" if threads else ""), flush=True)
-    print(f"  A {sides['A'].name}: {sides['A'].mode}, explicit attention, last block for every token, weight-norm weight "
-          f"built, loss double loop, per-parameter clip/EMA loops, AdamW(foreach=False)")
+    print(f"  A {sides['A'].name}: {sides['A'].mode}, explicit attention, last block for every token, drop path masks "
+          f"branches, weight-norm weight built, loss double loop, per-parameter clip/EMA loops, AdamW(foreach=False)")
     for key in fast:
         side = sides[key]
         print(f"  {key} {side.name}: {side.mode}, SDPA attention, last block for the class token, "
-              f"weight-norm by output scaling, DINOLoss matmul, "
+              f"drop path skips samples (CPU), weight-norm by output scaling, DINOLoss matmul, "
               f"fused clip/EMA, {type(side.optimizer).__name__}({_optimizer_kind(side.optimizer)})"
               + (", torch.compile of each block" if key == "C" else ""), flush=True)
 

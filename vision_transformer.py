@@ -118,6 +118,10 @@ class Attention(nn.Module):
 
 
 class Block(nn.Module):
+    # On CPUs, run each branch only for the samples drop path keeps (see _add_branch); False: the reference's
+    # masked form (benchmarks).
+    skip_dropped_samples = True
+
     def __init__(self, dim, num_heads, mlp_ratio=4., qkv_bias=False, qk_scale=None, drop=0., attn_drop=0.,
                  drop_path=0., act_layer=nn.GELU, norm_layer=nn.LayerNorm):
         super().__init__()
@@ -158,7 +162,8 @@ class Block(nn.Module):
     def _draw_kept_samples(self, x):
         """(drop path's 0/1 mask, indices of the kept samples, keep probability), or None for the masked form."""
         dp = self.drop_path
-        if not (isinstance(dp, DropPath) and dp.training and dp.drop_prob > 0 and x.device.type == "cpu"):
+        if not (self.skip_dropped_samples and isinstance(dp, DropPath) and dp.training and dp.drop_prob > 0
+                and x.device.type == "cpu"):
             return None
         if self.attn.attn_drop.p > 0 or self.attn.proj_drop.p > 0 or self.mlp.drop.p > 0 or _compiling():
             return None

@@ -338,9 +338,9 @@ def test_fast_views_match_faithful_views_with_same_seed(photos_dir):
 @pytest.mark.skipif(not utils.has_cxx_compiler(), reason="side C (--compile) on a CPU needs a C++ compiler")
 def test_benchmark_sides_compute_the_same_training_steps(one_thread):
     """benchmark.py's A (reference-equivalent), B (this package) and C (B with compiled blocks) are the same
-    maths: same losses, same teacher."""
+    maths: same losses, same teacher, with drop path on (B and C skip the dropped samples, A masks them)."""
     args = benchmark.get_args_parser().parse_args([
-        "--arch", "vit_tiny", "--patch_size", "16", "--out_dim", "64", "--batch_size", "2", "--drop_path_rate", "0",
+        "--arch", "vit_tiny", "--patch_size", "16", "--out_dim", "64", "--batch_size", "4", "--drop_path_rate", "0.5",
         "--global_crop_size", "32", "--local_crop_size", "16", "--local_crops_number", "2", "--device", "cpu",
         "--compile"])
     accel = utils.Accelerator.create("cpu")
@@ -349,9 +349,13 @@ def test_benchmark_sides_compute_the_same_training_steps(one_thread):
     assert list(sides) == ["A", "B", "C"] and all(side.mode == "fp32" for side in sides.values())
     assert not side_a.student.backbone.blocks[0].attn.use_sdpa and sides["B"].student.backbone.blocks[0].attn.use_sdpa
     assert not side_a.teacher.backbone.last_block_cls_only and sides["B"].teacher.backbone.last_block_cls_only
+    assert not side_a.student.backbone.blocks[5].skip_dropped_samples
+    assert sides["C"].student.backbone.blocks[5].skip_dropped_samples
     for step in range(2):
+        torch.manual_seed(step)
         loss_a = side_a(images)
         for key in ("B", "C"):
+            torch.manual_seed(step)  # the same drop-path draws
             torch.testing.assert_close(sides[key](images), loss_a, rtol=1e-4, atol=1e-5, msg=f"{key}, step {step}")
     for key in ("B", "C"):
         side = sides[key]
