@@ -35,9 +35,13 @@ def drop_path(x, drop_prob: float = 0., training: bool = False):
     if drop_prob == 0. or not training:
         return x
     keep_prob = 1 - drop_prob
+    return x.div(keep_prob) * _keep_mask(x, keep_prob)
+
+
+def _keep_mask(x, keep_prob, dtype=None):
+    """Drop path's 0/1 draw per sample of x, shaped to broadcast over it."""
     shape = (x.shape[0],) + (1,) * (x.ndim - 1)
-    keep = (keep_prob + torch.rand(shape, dtype=x.dtype, device=x.device)).floor_()
-    return x.div(keep_prob) * keep
+    return (keep_prob + torch.rand(shape, dtype=dtype or x.dtype, device=x.device)).floor_()
 
 
 class DropPath(nn.Module):
@@ -168,8 +172,7 @@ class Block(nn.Module):
         if self.attn.attn_drop.p > 0 or self.attn.proj_drop.p > 0 or self.mlp.drop.p > 0 or _compiling():
             return None
         keep_prob = 1 - dp.drop_prob
-        shape = (x.shape[0],) + (1,) * (x.ndim - 1)  # as drop_path() draws, in the branch output's dtype
-        keep = (keep_prob + torch.rand(shape, dtype=_linear_output_dtype(x), device=x.device)).floor_()
+        keep = _keep_mask(x, keep_prob, dtype=_linear_output_dtype(x))  # drop_path() draws in the branch's dtype
         return keep, keep.flatten().nonzero().squeeze(1), keep_prob
 
 

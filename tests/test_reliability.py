@@ -93,7 +93,8 @@ def test_sigkill_then_same_command_gives_the_uninterrupted_teacher(small_digits,
 
 @pytest.mark.skipif(not utils.has_cxx_compiler(), reason="--compile on a CPU needs a C++ compiler")
 def test_compiled_run_resumes_exactly(small_digits, tmp_path):
-    """--compile: drop-path masks come from the compiler's random stream, which the checkpoint's RNG state seeds."""
+    """--compile: a resumed compiled run ends with the uninterrupted run's teacher (the checkpoint's RNG state seeds
+    drop path, eager on CPUs, the compiler's random stream in whole compiled blocks)."""
     def run(out, steps):
         result = subprocess.run(train_cmd(small_digits, out, 0, ["--compile", "--num_steps", str(steps)]), cwd=ROOT,
                                 env=env(), capture_output=True, text=True, timeout=600)
