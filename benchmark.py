@@ -148,6 +148,14 @@ def set_lr_and_wd(optimizer):
             param_group["weight_decay"] = WD
 
 
+def set_backbone_fast_paths(backbone, enabled):
+    """SDPA attention, the class-token-only last block and drop path's sample skipping, or the reference's forms."""
+    backbone.set_fused_attention(enabled)
+    backbone.last_block_cls_only = enabled
+    for block in backbone.blocks:
+        block.skip_dropped_samples = enabled
+
+
 class ReferenceStep(object):
     """Side A: one step of the reference's train_one_epoch, single process."""
     def __init__(self, student, teacher, args, accel):
@@ -155,10 +163,7 @@ class ReferenceStep(object):
         self.accel = accel
         self.student, self.teacher = student, teacher
         for m in (student, teacher):
-            m.backbone.set_fused_attention(False)
-            m.backbone.last_block_cls_only = False
-            for block in m.backbone.blocks:
-                block.skip_dropped_samples = False
+            set_backbone_fast_paths(m.backbone, False)
             m.head.last_layer.forward = reference_weight_norm_forward(m.head.last_layer)
         self.loss = accel.to(ReferenceDINOLoss(args.out_dim, args.local_crops_number + 2))
         self.optimizer = torch.optim.AdamW(utils.get_params_groups(student), foreach=False)
@@ -201,10 +206,7 @@ class PackageStep(object):
         self.accel = accel
         self.student, self.teacher = student, teacher
         for m in (student, teacher):
-            m.backbone.set_fused_attention(True)
-            m.backbone.last_block_cls_only = True
-            for block in m.backbone.blocks:
-                block.skip_dropped_samples = True
+            set_backbone_fast_paths(m.backbone, True)
         self.loss = accel.to(main_dino.DINOLoss(args.out_dim, args.local_crops_number + 2, 0.04, 0.04, 0,
                                                 EPOCH + 1))
         self.optimizer = utils.build_optimizer("adamw", utils.get_params_groups(student), accel)
