@@ -303,6 +303,44 @@ def vit_base(patch_size=16, **kwargs):
                              qkv_bias=True, norm_layer=partial(nn.LayerNorm, eps=1e-6), **kwargs)
 
 
+class _WeightNormLinearFunction(torch.autograd.Function):
+    """(x v^T) * (g / ||v||)^T with a hand-written backward.
+
+    Autograd's backward of the row norm makes three passes over the (out, in) weight, each into a new
+    tensor (65536 x 256 floats in DINO's head); here its term is added into the matmul's gradient in place.
+    Same maths, gradients equal to rounding. Dtypes follow autocast as F.linear's own backward would.
+    """
+
+    @staticmethod
+    def forward(ctx, x, weight_v, weight_g):
+        norm = weight_v.norm(dim=1, keepdim=True)
+        raw = F.linear(x, weight_v)
+        ctx.save_for_backward(x, weight_v, weight_g, norm, raw)
+        return raw * (weight_g / norm).t().to(raw.dtype)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        x, weight_v, weight_g, norm, raw = ctx.saved_tensors
+        need_x, need_v, need_g = ctx.needs_input_grad
+        grad_x = grad_v = grad_g = None
+        dtype = grad_out.dtype
+        with torch.autocast(device_type=grad_out.device.type, enabled=False):
+            scale = weight_g / norm
+            grad_raw = grad_out * scale.t().to(dtype)
+            if need_x:
+                grad_x = (grad_raw @ weight_v.to(dtype)).to(x.dtype)
+            if need_v or need_g:
+                grad_scale = (grad_out * raw).sum(0).to(norm.dtype).unsqueeze(1)
+            if need_g:
+                grad_g = (grad_scale / norm).to(weight_g.dtype)
+            if need_v:
+                grad_v = (grad_raw.t() @ x.to(dtype)).to(weight_v.dtype)
+                # d(g / ||v||)/dv = -g v / ||v||^3; rows of zero norm get no such term, as in torch's norm backward
+                norm_term = (-grad_scale * weight_g / norm.pow(3)).masked_fill(norm == 0, 0)
+                grad_v.addcmul_(weight_v, norm_term.to(grad_v.dtype))
+        return grad_x, grad_v, grad_g
+
+
 class WeightNormLinear(nn.Module):
     """Bias-free linear layer with weight = g * v / ||v|| (row norm).
 
@@ -311,6 +349,9 @@ class WeightNormLinear(nn.Module):
     in recent torch and whose parametrised replacement renames the keys that
     released DINO checkpoints use.
     """
+    # False: autograd differentiates the same forward (the plain form, for comparison)
+    fused_backward = True
+
     def __init__(self, in_features, out_features):
         super().__init__()
         self.in_features, self.out_features = in_features, out_features
@@ -325,6 +366,9 @@ class WeightNormLinear(nn.Module):
 
     def forward(self, x):
         # (x v^T) * (g / ||v||)^T: same maths without building the (out, in) weight
+        if self.fused_backward and torch.is_grad_enabled() and (
+                x.requires_grad or self.weight_v.requires_grad or self.weight_g.requires_grad):
+            return _WeightNormLinearFunction.apply(x, self.weight_v, self.weight_g)
         out = F.linear(x, self.weight_v)
         return out * (self.weight_g / self.weight_v.norm(dim=1, keepdim=True)).t().to(out.dtype)
 
