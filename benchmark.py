@@ -19,9 +19,9 @@
     forward, the loss as a double loop over view pairs, per-parameter clipping and EMA loops with host syncs,
     AdamW without foreach, fp16 autocast with a GradScaler on GPUs and fp32 on CPUs) and B) as this package's
     trainer does (SDPA attention, the last block for the class token only, on CPUs the branches of the samples
-    drop path keeps only, the head's outputs scaled, the loss as one matmul, fused clipping and EMA, the fastest
-    exact AdamW, the precision of utils.resolve_precision_mode). Same initial
-    weights, crops and batch; A and B alternate (A, B, A, B, ...), medians reported.
+    drop path keeps only, the head's outputs scaled (and the norm's gradient added in place), the loss as one
+    matmul, fused clipping and EMA, the fastest exact AdamW, the precision of utils.resolve_precision_mode).
+    Same initial weights, crops and batch; A and B alternate (A, B, A, B, ...), medians reported.
 --what data: images/s of one process (one core, no DataLoader) turning JPEG files into the multi-crop views:
     the reference's augmentation, the same inside the seeding wrapper main_dino.MultiCropDataset, and the
     --use_color_jitter_opti fast path (unwrapped and wrapped).
@@ -353,7 +353,7 @@ def bench_step(args, accel):
     for key in fast:
         side = sides[key]
         print(f"  {key} {side.name}: {side.mode}, SDPA attention, last block for the class token, "
-              f"drop path skips samples (CPU), weight-norm by output scaling, DINOLoss matmul, "
+              f"drop path skips samples (CPU), weight-norm by output scaling (hand-written backward), DINOLoss matmul, "
               f"fused clip/EMA, {type(side.optimizer).__name__}({_optimizer_kind(side.optimizer)})"
               + ((", torch.compile of each block's attention and MLP" if accel.kind == "cpu" else
                   ", torch.compile of each block") if key == "C" else ""), flush=True)
