@@ -17,6 +17,7 @@
 Parameter names and shapes match the reference (facebookresearch/dino) so that
 its released checkpoints load with strict=True.
 """
+import contextlib
 import math
 from functools import partial
 
@@ -303,6 +304,14 @@ def vit_base(patch_size=16, **kwargs):
                              qkv_bias=True, norm_layer=partial(nn.LayerNorm, eps=1e-6), **kwargs)
 
 
+def _autocast_off(device_type):
+    # Ascend's older torch has no torch.autocast (apex O1 casts instead), or none for its device type
+    try:
+        return torch.autocast(device_type=device_type, enabled=False)
+    except (AttributeError, RuntimeError, ValueError):
+        return contextlib.nullcontext()
+
+
 class _WeightNormLinearFunction(torch.autograd.Function):
     """(x v^T) * (g / ||v||)^T with a hand-written backward.
 
@@ -324,7 +333,7 @@ class _WeightNormLinearFunction(torch.autograd.Function):
         need_x, need_v, need_g = ctx.needs_input_grad
         grad_x = grad_v = grad_g = None
         dtype = grad_out.dtype
-        with torch.autocast(device_type=grad_out.device.type, enabled=False):
+        with _autocast_off(grad_out.device.type):
             scale = weight_g / norm
             grad_raw = grad_out * scale.t().to(dtype)
             if need_x:

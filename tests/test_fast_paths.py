@@ -201,6 +201,34 @@ def test_weight_norm_head_backward_matches_autograd(one_thread, amp, norm_last_l
             torch.testing.assert_close(head.last_layer.weight_g.grad, reference.weight_g.grad, rtol=1e-4, atol=1e-6)
 
 
+def test_weight_norm_backward_ignores_an_autocast_region_around_it(monkeypatch):
+    """backward() called inside autocast computes in the forward's dtypes (fp32 here), as autograd's own
+    backward does; where torch.autocast is missing (Ascend's older torch) the backward runs without it."""
+    torch.manual_seed(0)
+    layer = vits.WeightNormLinear(16, 64)
+    x = torch.randn(5, 16, requires_grad=True)
+    weights = torch.randn(5, 64)
+    autocast = torch.autocast
+
+    def gradients(inside_autocast):
+        layer.zero_grad(set_to_none=True)
+        x.grad = None
+        loss = (layer(x) * weights).sum()
+        with autocast("cpu", dtype=torch.bfloat16, enabled=inside_autocast):
+            loss.backward()
+        return x.grad.clone(), layer.weight_v.grad.clone()
+
+    outside = gradients(False)
+    for ours, expected in zip(gradients(True), outside):
+        torch.testing.assert_close(ours, expected, rtol=1e-6, atol=1e-7)
+
+    def no_autocast(*args, **kwargs):
+        raise RuntimeError("autocast: unsupported device type")
+    monkeypatch.setattr(vits.torch, "autocast", no_autocast)
+    for ours, expected in zip(gradients(False), outside):
+        assert torch.equal(ours, expected)
+
+
 def test_weight_norm_head_without_gradients_uses_the_plain_forward(monkeypatch):
     """The teacher (no_grad) never builds the autograd Function's saved tensors."""
     layer = vits.WeightNormLinear(8, 12)
