@@ -83,6 +83,10 @@ def get_args_parser():
                    help="device peak for MFU when the device is not in the built-in table")
     p.add_argument("--data_images", default=30, type=int, help="images per pipeline per round (--what data)")
     p.add_argument("--photos_dir", default="", help="JPEG files to augment (default: scikit-image photos)")
+    p.add_argument("--profile", default=0, type=int, metavar="N",
+                   help="after the rounds, profile one step of each side and print its N costliest ops (device "
+                        "time on GPUs, with the host's total beside it: a step whose host time exceeds its device "
+                        "time waits on kernel launches)")
     p.add_argument("--json", default="", help="also write the results to this JSON file")
     return p
 
@@ -301,6 +305,26 @@ def cpu_step_memory_mb(step, images):
     return max(peak[0], _rss_mb()) - base
 
 
+def profile_step(step, images, accel, rows):
+    """torch.profiler's table of one step: (table text, host milliseconds, device milliseconds or None)."""
+    from torch.profiler import ProfilerActivity, profile
+    on_gpu = accel.kind == "cuda"
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if on_gpu else [])
+    accel.synchronize()
+    start = time.perf_counter()
+    with profile(activities=activities) as prof:
+        step(images)
+        accel.synchronize()
+    host_ms = 1e3 * (time.perf_counter() - start)
+    events = prof.key_averages()
+    device_ms = None
+    if on_gpu:
+        device_ms = sum(getattr(e, "self_device_time_total", getattr(e, "self_cuda_time_total", 0))
+                        for e in events) / 1e3
+    table = events.table(sort_by="self_cuda_time_total" if on_gpu else "self_cpu_time_total", row_limit=rows)
+    return table, host_ms, device_ms
+
+
 def time_steps(step, images, n, accel):
     """(wall-clock seconds, CPU seconds of this process) for n steps."""
     accel.synchronize()
@@ -390,10 +414,20 @@ def bench_step(args, accel):
             grown = cpu_step_memory_mb(sides[key], images)
             results[key]["mem_mb"] = [grown] if grown is not None else []
 
+    profiles = {}
+    for key in keys if args.profile > 0 else ():
+        table, host_ms, device_ms = profile_step(sides[key], images, accel, args.profile)
+        profiles[key] = {"host_ms": host_ms, "device_ms": device_ms}
+        device_text = "" if device_ms is None else f", kernels {device_ms:.1f} ms"
+        print(f"  profile of one step of {key} (wall {host_ms:.1f} ms under the profiler{device_text}):\n{table}",
+              flush=True)
+
     summary = {"what": "step", "device": accel.describe(), "threads": threads, "arch": args.arch,
                "patch_size": args.patch_size, "batch_size": args.batch_size, "out_dim": args.out_dim,
                "crops": sizes, "compile": "C" in sides, "step_gflop": flops / 1e9,
                **{f"{k}_precision": sides[k].mode for k in keys}}
+    if profiles:
+        summary["profile"] = profiles
     print(f"  model FLOPs per step: {flops / 1e9:.1f} GFLOP")
     for key in keys:
         side = sides[key]

@@ -2,7 +2,8 @@
 # The GPU measurement of BENCHMARKS.md in one go (a few minutes on one H100):
 #   1. benchmark.py, ViT-S/16 recipe, batch 64, synthetic crops: A (the reference's fp16 step) against
 #      B (this package, fp16) and C (B with --compile);
-#   2. the same with --amp (B and C in bf16);
+#   2. the same with --amp (B and C in bf16); both print a profile of one step of each side (25 costliest
+#      kernels, host time beside device time: the data for the next optimisation);
 #   3. a 40-step main_dino.py --synthetic run with --amp, to check the trainer end to end on the GPU;
 #   4. when the host CPU has AMX and time is left: the CPU step of BENCHMARKS.md with --amp (bf16 on AMX)
 #      on 2 threads, the AMX target, which the development machines cannot measure.
@@ -28,7 +29,7 @@ nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=c
 
 status=0
 common=(--what step --device cuda --arch vit_small --patch_size 16 --batch_size 64 --steps 5 --rounds 3
-        --warmup 3 --compile)
+        --warmup 3 --compile --profile 25)
 timeout 210 "$PYTHON" benchmark.py "${common[@]}" --json "$out_dir/step_fp16.json" 2>&1 \
     | tee "$out_dir/step_fp16.log" || status=1
 timeout 210 "$PYTHON" benchmark.py "${common[@]}" --amp --json "$out_dir/step_bf16.json" 2>&1 \

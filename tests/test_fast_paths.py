@@ -459,13 +459,18 @@ def test_benchmark_script_reports_both_sides(photos_dir, tmp_path):
     proc = run_py("benchmark.py", "--what", "all", "--arch", "vit_tiny", "--patch_size", "16", "--out_dim", "64",
                   "--batch_size", "2", "--global_crop_size", "32", "--local_crop_size", "16",
                   "--local_crops_number", "2", "--steps", "1", "--rounds", "2", "--warmup", "0", "--threads", "1",
-                  "--data_images", "2", "--photos_dir", photos_dir, "--device", "cpu", "--json", out, timeout=300)
+                  "--data_images", "2", "--photos_dir", photos_dir, "--device", "cpu", "--profile", "4", "--json", out,
+                  timeout=300)
     assert proc.returncode == 0, proc.stderr
     step, data = json.loads(out.read_text())
     assert step["what"] == "step" and step["A_precision"] == "fp32" and step["step_gflop"] > 0
     for side in ("A", "B"):
         assert len(step[side]["img_s_rounds"]) == 2 and step[side]["img_s_median"] > 0
     assert step["ratio_median"] > 0 and "speed-up B/A" in proc.stdout
+    for side in ("A", "B"):  # --profile: one profiled step of each side, its costliest ops
+        assert step["profile"][side]["host_ms"] > 0 and step["profile"][side]["device_ms"] is None
+        table = proc.stdout.split(f"profile of one step of {side} ")[1]
+        assert "Self CPU" in table and "aten::" in table
     assert data["what"] == "data" and sorted(data["files"]) == ["astronaut.jpg", "chelsea.jpg", "coffee.jpg"]
     for name in ("reference", "faithful (MultiCropDataset)", "fast", "fast (MultiCropDataset)"):
         assert data[name]["img_s_cpu"] > 0
