@@ -86,6 +86,10 @@ class Mlp(nn.Module):
 
 
 class Attention(nn.Module):
+    # CPUs' SDPA kernels in bf16/fp16 are slower than two matmuls and a softmax (1.6-6x for DINO's crops,
+    # BENCHMARKS.md), so there the explicit path runs, with the same maths; True: SDPA there too.
+    sdpa_for_reduced_precision_on_cpu = False
+
     def __init__(self, dim, num_heads=8, qkv_bias=False, qk_scale=None, attn_drop=0., proj_drop=0.):
         super().__init__()
         self.num_heads = num_heads
@@ -98,6 +102,11 @@ class Attention(nn.Module):
         # Set to False to force the explicit softmax path (benchmarks, equivalence tests).
         self.use_sdpa = True
 
+    def _sdpa_fits(self, q):
+        if not (self.use_sdpa and _HAS_SDPA):
+            return False
+        return self.sdpa_for_reduced_precision_on_cpu or not (q.device.type == "cpu" and q.dtype != torch.float32)
+
     def forward(self, x, return_attention=False, cls_only=False):
         """Returns (output, attention); attention is None unless asked for. With `cls_only`, only the class
         token attends (keys and values still come from every token) and the output has one token."""
@@ -106,7 +115,7 @@ class Attention(nn.Module):
         q, k, v = qkv[0], qkv[1], qkv[2]
         if cls_only:
             q = q[:, :, :1]
-        if self.use_sdpa and _HAS_SDPA and not return_attention:
+        if self._sdpa_fits(q) and not return_attention:
             drop = self.attn_drop.p if self.training else 0.
             try:
                 out = F.scaled_dot_product_attention(q, k, v, dropout_p=drop, scale=self.scale)

@@ -71,6 +71,37 @@ def test_sdpa_attention_matches_explicit_softmax_forward_and_gradients(one_threa
     assert model.get_last_selfattention(x).shape == (3, 3, 17, 17)
 
 
+def test_attention_on_cpu_uses_sdpa_in_fp32_and_the_explicit_path_in_bf16(one_thread, monkeypatch):
+    """CPUs' reduced-precision SDPA kernels are slower than the explicit path, so bf16 autocast takes the explicit
+    path there (the same maths: as close to the fp32 outputs and gradients as SDPA in bf16 is); fp32 keeps SDPA."""
+    model = tiny_vit()
+    x = torch.randn(3, 3, 32, 32)
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+    calls = []
+    monkeypatch.setattr(vits.F, "scaled_dot_product_attention", lambda *a, **k: calls.append(1) or sdpa(*a, **k))
+
+    def run(amp, sdpa_in_bf16):
+        monkeypatch.setattr(vits.Attention, "sdpa_for_reduced_precision_on_cpu", sdpa_in_bf16)
+        calls.clear()
+        model.zero_grad(set_to_none=True)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=amp):
+            out = model(x)
+        (out.float() * torch.linspace(-1, 1, out.shape[-1])).sum().backward()
+        return len(calls), out.detach().float(), {n: p.grad.clone() for n, p in model.named_parameters()}
+
+    fp32_calls, out_fp32, grads_fp32 = run(amp=False, sdpa_in_bf16=False)
+    explicit_calls, out_explicit, grads_explicit = run(amp=True, sdpa_in_bf16=False)
+    sdpa_calls, out_sdpa, grads_sdpa = run(amp=True, sdpa_in_bf16=True)
+    assert fp32_calls == sdpa_calls == len(model.blocks) and explicit_calls == 0
+
+    def error(a, b):
+        return float((a - b).abs().max())
+    for name, expected, explicit, fused in [("output", out_fp32, out_explicit, out_sdpa)] + [
+            (n, grads_fp32[n], grads_explicit[n], grads_sdpa[n]) for n in grads_fp32]:
+        bound = max(2 * error(fused, expected), 0.01 * float(expected.abs().max()))
+        assert error(explicit, expected) <= bound, name
+
+
 @pytest.mark.parametrize("fused", [False, True])
 def test_class_token_only_last_block_matches_full_last_block(one_thread, fused):
     """forward() returns the class token, so the last block runs its attention output, projection and MLP for
