@@ -318,9 +318,9 @@ def profile_step(step, images, accel, rows):
     host_ms = 1e3 * (time.perf_counter() - start)
     events = prof.key_averages()
     device_ms = None
-    if on_gpu:
-        device_ms = sum(getattr(e, "self_device_time_total", getattr(e, "self_cuda_time_total", 0))
-                        for e in events) / 1e3
+    if on_gpu and len(events):
+        name = "self_device_time_total" if hasattr(events[0], "self_device_time_total") else "self_cuda_time_total"
+        device_ms = sum(getattr(e, name) for e in events) / 1e3
     table = events.table(sort_by="self_cuda_time_total" if on_gpu else "self_cpu_time_total", row_limit=rows)
     return table, host_ms, device_ms
 
