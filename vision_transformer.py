@@ -86,8 +86,8 @@ class Mlp(nn.Module):
 
 
 class Attention(nn.Module):
-    # CPUs' SDPA kernels in bf16/fp16 are slower than two matmuls and a softmax (1.6-6x for DINO's crops,
-    # BENCHMARKS.md), so there the explicit path runs, with the same maths; True: SDPA there too.
+    # CPUs' SDPA kernels in bf16/fp16 are slower than two matmuls and a softmax (1.7-6x in the forward and
+    # backward of DINO's crops, BENCHMARKS.md), so there the explicit path runs, with the same maths; True: SDPA.
     sdpa_for_reduced_precision_on_cpu = False
 
     def __init__(self, dim, num_heads=8, qkv_bias=False, qk_scale=None, attn_drop=0., proj_drop=0.):
