@@ -187,16 +187,13 @@ def test_drop_path_with_every_sample_dropped_still_gives_the_branches_gradients(
 @pytest.mark.parametrize("amp", [False, True])
 @pytest.mark.parametrize("norm_last_layer", [True, False])
 def test_weight_norm_head_backward_matches_autograd(one_thread, amp, norm_last_layer, monkeypatch):
-    """The head's output layer with its hand-written backward against autograd on the same forward and against
-    torch's own weight_norm: outputs and gradients of the input, weight_v and (when trained) weight_g."""
+    """The head's output layer with its hand-written backward against autograd on the same forward: outputs and
+    gradients of the input, weight_v and (when trained) weight_g. (test_vision_transformer.py compares the layer
+    with torch's own weight_norm.)"""
     torch.manual_seed(0)
     head = vits.DINOHead(24, 300, norm_last_layer=norm_last_layer, hidden_dim=40, bottleneck_dim=16)
     with torch.no_grad():
         head.last_layer.weight_g.uniform_(0.5, 1.5)
-    reference = nn.utils.weight_norm(nn.Linear(16, 300, bias=False))
-    with torch.no_grad():
-        reference.weight_g.copy_(head.last_layer.weight_g)
-        reference.weight_v.copy_(head.last_layer.weight_v)
     x = torch.randn(9, 24)
     weights = torch.randn(9, 300)
 
@@ -219,17 +216,6 @@ def test_weight_norm_head_backward_matches_autograd(one_thread, amp, norm_last_l
     torch.testing.assert_close(dx_fused, dx_plain, **tol)
     for name in grads_plain:
         torch.testing.assert_close(grads_fused[name], grads_plain[name], **tol, msg=name)
-    if not amp:  # and the layer as the reference builds it
-        features = nn.functional.normalize(head.mlp(x), dim=-1).detach().requires_grad_()
-        reference(features).mul(weights).sum().backward()
-        monkeypatch.setattr(vits.WeightNormLinear, "fused_backward", True)
-        head.zero_grad(set_to_none=True)
-        ours = features.detach().requires_grad_()
-        head.last_layer(ours).mul(weights).sum().backward()
-        torch.testing.assert_close(ours.grad, features.grad, rtol=1e-5, atol=1e-6)
-        torch.testing.assert_close(head.last_layer.weight_v.grad, reference.weight_v.grad, rtol=1e-4, atol=1e-6)
-        if not norm_last_layer:
-            torch.testing.assert_close(head.last_layer.weight_g.grad, reference.weight_g.grad, rtol=1e-4, atol=1e-6)
 
 
 def test_weight_norm_backward_ignores_an_autocast_region_around_it(monkeypatch):
