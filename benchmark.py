@@ -18,9 +18,10 @@
     token, drop path masking branches computed for every sample, the head's weight-norm weight built every
     forward, the loss as a double loop over view pairs, per-parameter clipping and EMA loops with host syncs,
     AdamW without foreach, fp16 autocast with a GradScaler on GPUs and fp32 on CPUs) and B) as this package's
-    trainer does (SDPA attention, explicit on CPUs in bf16, the last block for the class token only, on CPUs the branches of the samples
-    drop path keeps only, the head's outputs scaled (and the norm's gradient added in place), the loss as one
-    matmul, fused clipping and EMA, the fastest exact AdamW, the precision of utils.resolve_precision_mode).
+    trainer does (SDPA attention, explicit on CPUs in bf16, the last block for the class token only, on CPUs
+    the branches of the samples drop path keeps only, the head's outputs scaled (and the norm's gradient added in
+    place), the loss as one matmul, fused clipping and EMA, the fastest exact AdamW, the precision of
+    utils.resolve_precision_mode).
     Same initial weights, crops and batch; A and B alternate (A, B, A, B, ...), medians reported.
 --what data: images/s of one process (one core, no DataLoader) turning JPEG files into the multi-crop views:
     the reference's augmentation, the same inside the seeding wrapper main_dino.MultiCropDataset, and the
@@ -43,6 +44,7 @@ import torch.nn.functional as F
 
 import main_dino
 import utils
+import vision_transformer as vits
 from utils import UserError
 
 # Dense tensor-core peaks (TFLOP/s) for MFU, by the name torch reports; fp32 is without TF32 (off here).
@@ -376,7 +378,8 @@ def bench_step(args, accel):
           f"branches, weight-norm weight built, loss double loop, per-parameter clip/EMA loops, AdamW(foreach=False)")
     for key in fast:
         side = sides[key]
-        attention = "explicit attention" if accel.kind == "cpu" and side.mode != "fp32" else "SDPA attention"
+        dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(side.mode, torch.float32)
+        attention = "SDPA attention" if vits.Attention.sdpa_suits(accel.kind, dtype) else "explicit attention"
         print(f"  {key} {side.name}: {side.mode}, {attention}, last block for the class token, "
               f"drop path skips samples (CPU), weight-norm by output scaling (hand-written backward), DINOLoss matmul, "
               f"fused clip/EMA, {type(side.optimizer).__name__}({_optimizer_kind(side.optimizer)})"

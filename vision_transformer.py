@@ -102,10 +102,13 @@ class Attention(nn.Module):
         # Set to False to force the explicit softmax path (benchmarks, equivalence tests).
         self.use_sdpa = True
 
+    @classmethod
+    def sdpa_suits(cls, device_type, dtype):
+        """Whether SDPA is the faster attention path for q of this device type and dtype."""
+        return cls.sdpa_for_reduced_precision_on_cpu or not (device_type == "cpu" and dtype != torch.float32)
+
     def _sdpa_fits(self, q):
-        if not (self.use_sdpa and _HAS_SDPA):
-            return False
-        return self.sdpa_for_reduced_precision_on_cpu or not (q.device.type == "cpu" and q.dtype != torch.float32)
+        return self.use_sdpa and _HAS_SDPA and self.sdpa_suits(q.device.type, q.dtype)
 
     def forward(self, x, return_attention=False, cls_only=False):
         """Returns (output, attention); attention is None unless asked for. With `cls_only`, only the class
