@@ -1,15 +1,16 @@
 #!/bin/bash
-# The GPU measurement of BENCHMARKS.md in one go (a few minutes on one H100):
+# The GPU measurement of BENCHMARKS.md in one go (about 6 minutes on one H100), most important first:
 #   1. benchmark.py, ViT-S/16 recipe, batch 64, synthetic crops: A (the reference's fp16 step) against
-#      B (this package, fp16) and C (B with --compile);
-#   2. the same with --amp (B and C in bf16); both print a profile of one step of each side (25 costliest
-#      kernels, host time beside device time: the data for the next optimisation);
+#      B (this package, fp16), with a profile of one step of each (25 costliest kernels);
+#   2. the same with --amp (B in bf16);
 #   3. a 40-step main_dino.py --synthetic run with --amp, to check the trainer end to end on the GPU;
-#   4. when the host CPU has AMX and time is left: the CPU step of BENCHMARKS.md with --amp (bf16 on AMX)
-#      on 2 threads, the AMX target, which the development machines cannot measure.
-# Results (JSON and logs) go to the folder given as the first argument (default: test/output/gpu_bench).
-# Each step has its own time limit (under 10 minutes in all).
-#   bash test/benchmark_gpu.sh [OUTPUT_DIR]
+#   4. when the host CPU has AMX: the CPU step of BENCHMARKS.md with --amp (bf16 on AMX) on 2 threads,
+#      the AMX target, which the development machines cannot measure;
+#   5. with the time left: step 1 again with --compile (side C: B with compiled blocks).
+# A failure in 1 or 3 ends the run early, so that a corrected rerun still fits a short device lease.
+# Logs go to the folder given as the first argument (default: test/output/gpu_bench), the JSON results
+# into json.tar there (at most 7 files in all).
+#   bash test/benchmark_gpu.sh [OUTPUT_DIR]        (BUDGET_S=seconds for the whole run, default 420)
 set -u
 set -o pipefail
 
@@ -20,33 +21,52 @@ out_dir=$(cd "$out_dir" && pwd)
 cd "$root_dir" || exit 1
 PYTHON=${PYTHON:-$(command -v python3 || command -v python)}
 export PYTHONUNBUFFERED=1
+budget=${BUDGET_S:-420}
 
 "$PYTHON" -c "import torch" 2>/dev/null || { echo "[Error] $PYTHON cannot import torch"; exit 1; }
 "$PYTHON" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)" || {
     echo "[Error] no CUDA device is visible to $PYTHON"; exit 1; }
-nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv 2>&1 | tee "$out_dir/gpu.txt"
-"$PYTHON" -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda)" | tee -a "$out_dir/gpu.txt"
+json_dir=$(mktemp -d)
+{
+    nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv 2>&1
+    "$PYTHON" -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda)"
+    grep -m1 "model name" /proc/cpuinfo; echo "cores: $(nproc)"
+} | tee "$out_dir/gpu.txt"
+
+# Runs "$@" under a time limit of min(cap, what is left of the budget); name is the log's stem.
+timed() {
+    local name=$1 cap=$2; shift 2
+    local left=$(( budget - SECONDS ))
+    local limit=$(( cap < left ? cap : left ))
+    if [ "$limit" -lt 20 ]; then echo "$name skipped: ${left} s left" | tee "$out_dir/$name.log"; return 1; fi
+    echo "== $name (limit ${limit} s, $(( SECONDS )) s elapsed)"
+    timeout "$limit" "$@" 2>&1 | tee "$out_dir/$name.log"
+}
 
 status=0
-common=(--what step --device cuda --arch vit_small --patch_size 16 --batch_size 64 --steps 5 --rounds 3
-        --warmup 3 --compile --profile 25)
-timeout 210 "$PYTHON" benchmark.py "${common[@]}" --json "$out_dir/step_fp16.json" 2>&1 \
-    | tee "$out_dir/step_fp16.log" || status=1
-timeout 210 "$PYTHON" benchmark.py "${common[@]}" --amp --json "$out_dir/step_bf16.json" 2>&1 \
-    | tee "$out_dir/step_bf16.log" || status=1
-timeout 120 "$PYTHON" main_dino.py --synthetic --device cuda --arch vit_small --patch_size 16 --batch_size 64 \
-    --amp --epochs 1 --warmup_epochs 0 --num_steps 40 --num_workers 2 \
-    --output_dir "${TMPDIR:-/tmp}/dino_gpu_check" 2>&1 \
-    | grep -v "^Epoch" | tee "$out_dir/train.log" || status=1
-left=$(( 590 - SECONDS ))
+common=(--what step --device cuda --arch vit_small --patch_size 16 --batch_size 64 --steps 5 --rounds 5
+        --warmup 3)
+finish() {
+    grep -h -e "speed-up" -e "median" -e "MFU" "$out_dir"/step_*.log "$out_dir"/cpu_*.log 2>/dev/null
+    grep -h "Training throughput" "$out_dir/train.log" 2>/dev/null
+    tar -cf "$out_dir/json.tar" -C "$json_dir" . 2>/dev/null
+    rm -rf "$json_dir"
+    echo "elapsed: ${SECONDS} s"
+    exit $status
+}
+timed step_fp16 150 "$PYTHON" benchmark.py "${common[@]}" --profile 25 --json "$json_dir/step_fp16.json" || {
+    status=1; finish; }
+timed step_bf16 110 "$PYTHON" benchmark.py "${common[@]}" --amp --json "$json_dir/step_bf16.json" || status=1
+timed train 100 "$PYTHON" main_dino.py --synthetic --device cuda --arch vit_small --patch_size 16 \
+    --batch_size 64 --amp --epochs 1 --warmup_epochs 0 --num_steps 40 --num_workers 2 \
+    --output_dir "${TMPDIR:-/tmp}/dino_gpu_check" || { status=1; finish; }
 amx_cores=$(grep -c -w amx_bf16 /proc/cpuinfo 2>/dev/null)
-if [ "${amx_cores:-0}" -gt 0 ] && [ "$left" -ge 45 ]; then
-    timeout "$left" "$PYTHON" benchmark.py --what step --device cpu --threads 2 --batch_size 4 --steps 1 \
-        --rounds 5 --warmup 1 --amp --json "$out_dir/cpu_amx_bf16.json" 2>&1 | tee "$out_dir/cpu_amx_bf16.log" \
-        || status=1
+if [ "${amx_cores:-0}" -gt 0 ]; then
+    timed cpu_amx_bf16 80 "$PYTHON" benchmark.py --what step --device cpu --threads 2 --batch_size 4 --steps 1 \
+        --rounds 5 --warmup 1 --amp --json "$json_dir/cpu_amx_bf16.json" || status=1
 else
-    echo "CPU AMX step skipped (${amx_cores:-0} cores with AMX, ${left} s left)"
+    echo "CPU AMX step skipped: this host's CPU has no AMX"
 fi
-grep -h -e "speed-up" -e "median" "$out_dir"/step_*.log "$out_dir"/cpu_*.log 2>/dev/null
-grep "Training throughput" "$out_dir/train.log"
-exit $status
+timed step_fp16_compile 400 "$PYTHON" benchmark.py "${common[@]}" --rounds 3 --compile \
+    --json "$json_dir/step_fp16_compile.json" || status=1
+finish
