@@ -155,11 +155,13 @@ def set_lr_and_wd(optimizer):
 
 
 def set_backbone_fast_paths(backbone, enabled):
-    """SDPA attention, the class-token-only last block and drop path's sample skipping, or the reference's forms."""
+    """SDPA attention, q/k/v by unbind, the class-token-only last block and drop path's sample skipping, or the
+    reference's forms."""
     backbone.set_fused_attention(enabled)
     backbone.last_block_cls_only = enabled
     for block in backbone.blocks:
         block.skip_dropped_samples = enabled
+        block.attn.unbind_qkv = enabled
 
 
 class ReferenceStep(object):

@@ -1085,7 +1085,9 @@ def _has_triton():
         return _import_optional("triton") is not None
 
 
-# One compiled graph per (grad mode, shape family, drop path or class-token-only block); 8, the default, is too few.
+# One compiled graph per (grad mode, crop size, drop path or class-token-only block); 8, the default, is too few.
+# Static shapes (dynamic=False): DINO has two crop sizes, and dynamo's automatic switch to dynamic shapes at the
+# second one would trade fixed-size kernels for slower general ones.
 COMPILE_RECOMPILE_LIMIT = 32
 COMPILE_UNITS = ("blocks", "branches")
 
@@ -1122,10 +1124,10 @@ def compile_repeated_blocks(models, accelerator, units=None):
             if isinstance(blocks, nn.ModuleList):
                 for block in blocks:
                     if units == "blocks":
-                        block.compile()
+                        block.compile(dynamic=False)
                     else:
-                        block.attn.compile()
-                        block.mlp.compile()
+                        block.attn.compile(dynamic=False)
+                        block.mlp.compile(dynamic=False)
                     compiled += 1
     if compiled == 0:
         raise UserError("--compile applies to the transformer blocks of ViT backbones; this model has none")

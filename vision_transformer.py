@@ -48,9 +48,26 @@ def _keep_mask(x, keep_prob, dtype=None):
 class DropPath(nn.Module):
     def __init__(self, drop_prob=None):
         super().__init__()
+        # The keep probability as a tensor too, for torch.compile: a float rate would be baked into each
+        # block's graph (one recompilation per block); as a buffer all blocks share a graph. Not persistent,
+        # so checkpoints keep the reference's keys.
+        self.register_buffer("keep_prob_tensor", torch.ones(()), persistent=False)
         self.drop_prob = drop_prob
 
+    @property
+    def drop_prob(self):
+        return self._drop_prob
+
+    @drop_prob.setter
+    def drop_prob(self, value):
+        self._drop_prob = value
+        with torch.no_grad():
+            self.keep_prob_tensor.fill_(1. - (value or 0.))
+
     def forward(self, x):
+        if self.training and _compiling():
+            # a rate of 0 gives x / 1 * 1: the same x, so no branch on the rate here
+            return x.div(self.keep_prob_tensor) * _keep_mask(x, self.keep_prob_tensor)
         return drop_path(x, self.drop_prob, self.training)
 
 
@@ -89,6 +106,9 @@ class Attention(nn.Module):
     # CPUs' SDPA kernels in bf16/fp16 are slower than two matmuls and a softmax (1.7-6x in the forward and
     # backward of DINO's crops, BENCHMARKS.md), so there the explicit path runs, with the same maths; True: SDPA.
     sdpa_for_reduced_precision_on_cpu = False
+    # q, k, v by one unbind: its backward stacks the three gradients in one write, where the reference's
+    # qkv[0], qkv[1], qkv[2] zero-fill three qkv-sized tensors and add them up. False: the reference's form.
+    unbind_qkv = True
 
     def __init__(self, dim, num_heads=8, qkv_bias=False, qk_scale=None, attn_drop=0., proj_drop=0.):
         super().__init__()
@@ -115,7 +135,7 @@ class Attention(nn.Module):
         token attends (keys and values still come from every token) and the output has one token."""
         B, N, C = x.shape
         qkv = self.qkv(x).reshape(B, N, 3, self.num_heads, C // self.num_heads).permute(2, 0, 3, 1, 4)
-        q, k, v = qkv[0], qkv[1], qkv[2]
+        q, k, v = qkv.unbind(0) if self.unbind_qkv else (qkv[0], qkv[1], qkv[2])
         if cls_only:
             q = q[:, :, :1]
         if self._sdpa_fits(q) and not return_attention:
@@ -179,10 +199,10 @@ class Block(nn.Module):
     def _draw_kept_samples(self, x):
         """(drop path's 0/1 mask, indices of the kept samples, keep probability), or None for the masked form."""
         dp = self.drop_path
-        if not (self.skip_dropped_samples and isinstance(dp, DropPath) and dp.training and dp.drop_prob > 0
-                and x.device.type == "cpu"):
-            return None
-        if self.attn.attn_drop.p > 0 or self.attn.proj_drop.p > 0 or self.mlp.drop.p > 0 or _compiling():
+        if _compiling() or not (self.skip_dropped_samples and isinstance(dp, DropPath) and dp.training
+                                and x.device.type == "cpu" and dp.drop_prob > 0):
+            return None  # compiled: the rate is not read (see DropPath), and a graph cannot skip samples
+        if self.attn.attn_drop.p > 0 or self.attn.proj_drop.p > 0 or self.mlp.drop.p > 0:
             return None
         keep_prob = 1 - dp.drop_prob
         keep = _keep_mask(x, keep_prob, dtype=_linear_output_dtype(x))  # drop_path() draws in the branch's dtype

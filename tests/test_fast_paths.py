@@ -71,6 +71,20 @@ def test_sdpa_attention_matches_explicit_softmax_forward_and_gradients(one_threa
     assert model.get_last_selfattention(x).shape == (3, 3, 17, 17)
 
 
+def test_qkv_unbind_gives_the_reference_indexing_output_and_gradients_exactly(one_thread):
+    """q, k, v by unbind (one stacked gradient) against the reference's qkv[0], qkv[1], qkv[2]: the same numbers."""
+    model = tiny_vit()
+    x = torch.randn(3, 3, 32, 32)
+    results = []
+    for unbind in (False, True):
+        for blk in model.blocks:
+            blk.attn.unbind_qkv = unbind
+        results.append(output_and_gradients(model, x))
+    assert torch.equal(results[1][0], results[0][0])
+    for name, grad in results[0][1].items():
+        assert torch.equal(results[1][1][name], grad), name
+
+
 def test_attention_on_cpu_uses_sdpa_in_fp32_and_the_explicit_path_in_bf16(one_thread, monkeypatch):
     """CPUs' reduced-precision SDPA kernels are slower than the explicit path, so bf16 autocast takes the explicit
     path there (the same maths: as close to the fp32 outputs and gradients as SDPA in bf16 is); fp32 keeps SDPA."""
@@ -499,6 +513,44 @@ def test_benchmark_bad_input_is_one_line_error(tmp_path):
     assert proc.stderr.strip().count("\n") == 0 and "--photos_dir is not a folder" in proc.stderr
     with pytest.raises(utils.UserError, match="--steps must be at least 1"):
         benchmark.run(benchmark.get_args_parser().parse_args(["--steps", "0"]))
+
+
+def test_drop_path_under_the_compiler_reads_its_rate_from_a_buffer_with_the_same_maths():
+    """Compiled, DropPath takes its keep probability from a non-persistent buffer (one graph for every rate):
+    each sample is 0 or x / keep_prob, about drop_prob of them dropped; a rate of 0 returns x; the buffer
+    follows drop_prob and stays out of checkpoints."""
+    dp = vits.DropPath(0.25)
+    assert float(dp.keep_prob_tensor) == 0.75 and "keep_prob_tensor" not in dp.state_dict()
+    dp.drop_prob = 0.4
+    assert float(dp.keep_prob_tensor) == pytest.approx(0.6)
+    compiled = torch.compile(dp, backend="eager", dynamic=False)
+    torch.manual_seed(0)
+    x = torch.randn(4000, 3, 5)
+    out = compiled(x)
+    kept = (out != 0).flatten(1).all(1)
+    assert torch.equal(out[kept], x[kept].div(0.6)) and not out[~kept].any()
+    assert abs(1 - kept.float().mean().item() - 0.4) < 0.03
+    dp.drop_prob = 0.0
+    assert torch.equal(compiled(x), x)
+    dp.eval()
+    dp.drop_prob = 0.4
+    assert torch.equal(compiled(x), x)
+
+
+@pytest.mark.skipif(not utils.has_cxx_compiler(), reason="--compile on a CPU needs a C++ compiler")
+def test_compiled_whole_blocks_share_graphs_across_drop_path_rates(one_thread):
+    """Each block has its own drop-path rate; compiled whole blocks still share their graphs (the rate is a
+    buffer, shapes static), instead of one compilation per block."""
+    from torch._dynamo.utils import counters
+    torch._dynamo.reset()
+    counters.clear()
+    torch.manual_seed(0)
+    model = vits.vit_tiny(patch_size=8, drop_path_rate=0.5)
+    utils.compile_repeated_blocks([model], utils.Accelerator.create("cpu"), units="blocks")
+    for _ in range(2):
+        model(torch.randn(4, 3, 16, 16)).sum().backward()
+    # block 0 (no drop path: rate 0), blocks 1-10, and the last block (the class token only): three graphs
+    assert counters["stats"]["unique_graphs"] == 3
 
 
 @pytest.mark.skipif(not utils.has_cxx_compiler(), reason="--compile on a CPU needs a C++ compiler")
