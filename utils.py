@@ -1086,8 +1086,9 @@ def _has_triton():
 
 
 # One compiled graph per (grad mode, crop size, drop path or class-token-only block); 8, the default, is too few.
-# Static shapes (dynamic=False): DINO has two crop sizes, and dynamo's automatic switch to dynamic shapes at the
-# second one would trade fixed-size kernels for slower general ones.
+# Whole blocks get static shapes (dynamic=False): DINO has two crop sizes, and dynamo's automatic switch to dynamic
+# shapes at the second one would trade fixed-size kernels for slower general ones. Branches (CPUs) see the kept
+# samples of drop path, a different count at each step, and keep dynamo's automatic dynamic shapes.
 COMPILE_RECOMPILE_LIMIT = 32
 COMPILE_UNITS = ("blocks", "branches")
 
@@ -1125,9 +1126,9 @@ def compile_repeated_blocks(models, accelerator, units=None):
                 for block in blocks:
                     if units == "blocks":
                         block.compile(dynamic=False)
-                    else:
-                        block.attn.compile(dynamic=False)
-                        block.mlp.compile(dynamic=False)
+                    else:  # the kept samples' count varies from step to step: dynamic shapes
+                        block.attn.compile()
+                        block.mlp.compile()
                     compiled += 1
     if compiled == 0:
         raise UserError("--compile applies to the transformer blocks of ViT backbones; this model has none")

@@ -554,6 +554,21 @@ def test_compiled_whole_blocks_share_graphs_across_drop_path_rates(one_thread):
 
 
 @pytest.mark.skipif(not utils.has_cxx_compiler(), reason="--compile on a CPU needs a C++ compiler")
+def test_compiled_branches_do_not_recompile_for_each_count_of_kept_samples(one_thread):
+    """On CPUs the compiled branches see only the samples drop path keeps, a different count at each step; they
+    keep dynamic shapes, so the graphs stay a handful (static shapes: one more per new count, 25 in 8 steps)."""
+    from torch._dynamo.utils import counters
+    torch._dynamo.reset()
+    counters.clear()
+    torch.manual_seed(0)
+    model = vits.vit_tiny(patch_size=8, drop_path_rate=0.5)
+    utils.compile_repeated_blocks([model], utils.Accelerator.create("cpu"), units="branches")
+    for _ in range(8):
+        model(torch.randn(8, 3, 16, 16)).sum().backward()
+    assert counters["stats"]["unique_graphs"] <= 10
+
+
+@pytest.mark.skipif(not utils.has_cxx_compiler(), reason="--compile on a CPU needs a C++ compiler")
 @pytest.mark.parametrize("units", ["blocks", "branches"])
 def test_compiled_blocks_match_eager_forward_and_gradients_and_keep_checkpoint_names(one_thread, units):
     """--compile: blocks compiled in place compute what eager blocks compute. Whole blocks draw drop path from the
