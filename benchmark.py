@@ -321,12 +321,22 @@ def profile_step(step, images, accel, rows):
         accel.synchronize()
     host_ms = 1e3 * (time.perf_counter() - start)
     events = prof.key_averages()
-    device_ms = None
-    if on_gpu and len(events):
-        name = "self_device_time_total" if hasattr(events[0], "self_device_time_total") else "self_cuda_time_total"
-        device_ms = sum(getattr(e, name) for e in events) / 1e3
+    device_ms = kernel_time_ms(events) if on_gpu else None
     table = events.table(sort_by="self_cuda_time_total" if on_gpu else "self_cpu_time_total", row_limit=rows)
     return table, host_ms, device_ms
+
+
+def kernel_time_ms(events):
+    """Milliseconds the device spent in kernels and copies, as the profiler table's footer counts them: device-side
+    events only (the CPU ops that launched them carry the same time again), without user annotations (spans such
+    as the optimizer step's, which contain kernels already counted)."""
+    total = 0.0
+    for e in events:
+        device_type = getattr(e, "device_type", None)
+        if device_type is None or getattr(device_type, "name", "") == "CPU" or getattr(e, "is_user_annotation", False):
+            continue
+        total += getattr(e, "self_device_time_total", None) or getattr(e, "self_cuda_time_total", 0.0)
+    return total / 1e3
 
 
 def time_steps(step, images, n, accel):

@@ -507,6 +507,18 @@ def test_benchmark_script_reports_both_sides(photos_dir, tmp_path):
         assert data[name]["img_s_cpu"] > 0
 
 
+def test_benchmark_kernel_time_counts_device_events_once():
+    """--profile's kernel time on GPUs: kernels and copies once, not again through the CPU ops that launched
+    them, and not the annotated spans (the optimizer step's) that contain them, as the profiler's own table."""
+    from types import SimpleNamespace as Event
+    from torch.autograd import DeviceType
+    events = [Event(device_type=DeviceType.CPU, is_user_annotation=False, self_device_time_total=700.0),  # aten::mm
+              Event(device_type=DeviceType.CUDA, is_user_annotation=False, self_device_time_total=700.0),  # its kernel
+              Event(device_type=DeviceType.CUDA, is_user_annotation=False, self_device_time_total=300.0),  # a copy
+              Event(device_type=DeviceType.CUDA, is_user_annotation=True, self_device_time_total=5000.0)]  # a span
+    assert benchmark.kernel_time_ms(events) == pytest.approx(1.0)
+
+
 def test_benchmark_bad_input_is_one_line_error(tmp_path):
     proc = run_py("benchmark.py", "--what", "data", "--photos_dir", tmp_path / "missing", timeout=120)
     assert proc.returncode == 2
