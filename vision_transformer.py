@@ -355,13 +355,16 @@ class _WeightNormLinearFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight_v, weight_g):
         norm = weight_v.norm(dim=1, keepdim=True)
-        raw = F.linear(x, weight_v)
-        ctx.save_for_backward(x, weight_v, weight_g, norm, raw)
+        # v in the matmul's dtype (autocast's cast, made here), kept for the backward as F.linear's own backward
+        # keeps it, instead of casting the (out, in) weight a second time there
+        v_matmul = weight_v.to(_linear_output_dtype(x))
+        raw = F.linear(x, v_matmul)
+        ctx.save_for_backward(x, weight_v, weight_g, norm, raw, v_matmul)
         return raw * (weight_g / norm).t().to(raw.dtype)
 
     @staticmethod
     def backward(ctx, grad_out):
-        x, weight_v, weight_g, norm, raw = ctx.saved_tensors
+        x, weight_v, weight_g, norm, raw, v_matmul = ctx.saved_tensors
         need_x, need_v, need_g = ctx.needs_input_grad
         grad_x = grad_v = grad_g = None
         dtype = grad_out.dtype
@@ -369,7 +372,7 @@ class _WeightNormLinearFunction(torch.autograd.Function):
             scale = weight_g / norm
             grad_raw = grad_out * scale.t().to(dtype)
             if need_x:
-                grad_x = (grad_raw @ weight_v.to(dtype)).to(x.dtype)
+                grad_x = (grad_raw @ v_matmul.to(dtype)).to(x.dtype)
             if need_v or need_g:
                 grad_scale = (grad_out * raw).sum(0).to(norm.dtype).unsqueeze(1)
             if need_g:

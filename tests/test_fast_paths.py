@@ -232,6 +232,32 @@ def test_weight_norm_head_backward_matches_autograd(one_thread, amp, norm_last_l
         torch.testing.assert_close(grads_fused[name], grads_plain[name], **tol, msg=name)
 
 
+@pytest.mark.parametrize("fused", [False, True])
+def test_weight_norm_head_casts_its_weight_once_per_step_under_autocast(fused, monkeypatch):
+    """Under bf16 autocast, forward and backward of the head's output layer cast the (out, in) weight to bf16
+    once, as autograd's plain layer does (its backward reuses the forward's cast)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+    monkeypatch.setattr(vits.WeightNormLinear, "fused_backward", fused)
+    layer = vits.WeightNormLinear(16, 300)
+    x = torch.randn(5, 16, requires_grad=True)
+
+    class WeightCasts(TorchDispatchMode):
+        count = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            if (isinstance(out, torch.Tensor) and out.dtype == torch.bfloat16 and tuple(out.shape) == (300, 16)
+                    and isinstance(args[0], torch.Tensor) and args[0].dtype == torch.float32):
+                WeightCasts.count += 1
+            return out
+
+    with WeightCasts():
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = layer(x)
+        out.float().sum().backward()
+    assert WeightCasts.count == 1
+
+
 def test_weight_norm_backward_ignores_an_autocast_region_around_it(monkeypatch):
     """backward() called inside autocast computes in the forward's dtypes (fp32 here), as autograd's own
     backward does; where torch.autocast is missing (Ascend's older torch) the backward runs without it."""
