@@ -1125,6 +1125,9 @@ def compile_repeated_blocks(models, accelerator, units=None):
             if isinstance(blocks, nn.ModuleList):
                 for block in blocks:
                     if units == "blocks":
+                        for sub in block.modules():
+                            if hasattr(sub, "use_tensor_rate"):  # drop path: one graph for every block's rate
+                                sub.use_tensor_rate(next(block.parameters()).device)
                         block.compile(dynamic=False)
                     else:  # the kept samples' count varies from step to step: dynamic shapes
                         block.attn.compile()
@@ -1132,7 +1135,18 @@ def compile_repeated_blocks(models, accelerator, units=None):
                     compiled += 1
     if compiled == 0:
         raise UserError("--compile applies to the transformer blocks of ViT backbones; this model has none")
+    for model in models:
+        _ddp_ignore_rate_buffers(model)
     return compiled
+
+
+def _ddp_ignore_rate_buffers(model):
+    """Drop path's rate buffers are equal on every rank by construction: DistributedDataParallel need not broadcast
+    them at every forward (a collective per step that the eager model, without buffers, never had)."""
+    names = [name for name, _ in model.named_buffers() if name.endswith("keep_prob_tensor")]
+    ignore = getattr(nn.parallel.DistributedDataParallel, "_set_params_and_buffers_to_ignore_for_model", None)
+    if names and ignore is not None:
+        ignore(model, sorted(set(getattr(model, "_ddp_params_and_buffers_to_ignore", ())) | set(names)))
 
 
 def is_dist_avail_and_initialized():

@@ -48,10 +48,6 @@ def _keep_mask(x, keep_prob, dtype=None):
 class DropPath(nn.Module):
     def __init__(self, drop_prob=None):
         super().__init__()
-        # The keep probability as a tensor too, for torch.compile: a float rate would be baked into each
-        # block's graph (one recompilation per block); as a buffer all blocks share a graph. Not persistent,
-        # so checkpoints keep the reference's keys.
-        self.register_buffer("keep_prob_tensor", torch.ones(()), persistent=False)
         self.drop_prob = drop_prob
 
     @property
@@ -61,11 +57,20 @@ class DropPath(nn.Module):
     @drop_prob.setter
     def drop_prob(self, value):
         self._drop_prob = value
-        with torch.no_grad():
-            self.keep_prob_tensor.fill_(1. - (value or 0.))
+        if "keep_prob_tensor" in self._buffers:
+            with torch.no_grad():
+                self.keep_prob_tensor.fill_(1. - (value or 0.))
+
+    def use_tensor_rate(self, device=None):
+        """For torch.compile (utils.compile_repeated_blocks): keep the keep probability in a tensor too. A float rate
+        is baked into each block's graph (one recompilation per block); as a buffer, all blocks share a graph. Not
+        persistent, so checkpoints keep the reference's keys; eager models never get it."""
+        if "keep_prob_tensor" not in self._buffers:
+            self.register_buffer("keep_prob_tensor", torch.tensor(1. - (self.drop_prob or 0.), device=device),
+                                 persistent=False)
 
     def forward(self, x):
-        if self.training and _compiling():
+        if self.training and "keep_prob_tensor" in self._buffers and _compiling():
             # a rate of 0 gives x / 1 * 1: the same x, so no branch on the rate here
             return x.div(self.keep_prob_tensor) * _keep_mask(x, self.keep_prob_tensor)
         return drop_path(x, self.drop_prob, self.training)

@@ -554,10 +554,12 @@ def test_benchmark_bad_input_is_one_line_error(tmp_path):
 
 
 def test_drop_path_under_the_compiler_reads_its_rate_from_a_buffer_with_the_same_maths():
-    """Compiled, DropPath takes its keep probability from a non-persistent buffer (one graph for every rate):
-    each sample is 0 or x / keep_prob, about drop_prob of them dropped; a rate of 0 returns x; the buffer
-    follows drop_prob and stays out of checkpoints."""
+    """Prepared for compilation, DropPath takes its keep probability from a non-persistent buffer (one graph for
+    every rate): each sample is 0 or x / keep_prob, about drop_prob of them dropped; a rate of 0 returns x; the
+    buffer follows drop_prob and stays out of checkpoints; eager DropPath has no buffer."""
     dp = vits.DropPath(0.25)
+    assert list(dp.buffers()) == []
+    dp.use_tensor_rate()
     assert float(dp.keep_prob_tensor) == 0.75 and "keep_prob_tensor" not in dp.state_dict()
     dp.drop_prob = 0.4
     assert float(dp.keep_prob_tensor) == pytest.approx(0.6)
@@ -584,11 +586,18 @@ def test_compiled_whole_blocks_share_graphs_across_drop_path_rates(one_thread):
     counters.clear()
     torch.manual_seed(0)
     model = vits.vit_tiny(patch_size=8, drop_path_rate=0.5)
+    assert list(model.buffers()) == []
+    keys = list(model.state_dict())
     utils.compile_repeated_blocks([model], utils.Accelerator.create("cpu"), units="blocks")
     for _ in range(2):
         model(torch.randn(4, 3, 16, 16)).sum().backward()
     # block 0 (no drop path: rate 0), blocks 1-10, and the last block (the class token only): three graphs
     assert counters["stats"]["unique_graphs"] == 3
+    # the rate buffers stay out of checkpoints, and DistributedDataParallel is told not to broadcast them
+    rate_buffers = [name for name, _ in model.named_buffers()]
+    assert len(rate_buffers) == 11 and all(name.endswith("drop_path.keep_prob_tensor") for name in rate_buffers)
+    assert list(model.state_dict()) == keys
+    assert sorted(model._ddp_params_and_buffers_to_ignore) == sorted(rate_buffers)
 
 
 @pytest.mark.skipif(not utils.has_cxx_compiler(), reason="--compile on a CPU needs a C++ compiler")
