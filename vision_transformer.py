@@ -204,9 +204,10 @@ class Block(nn.Module):
     def _draw_kept_samples(self, x):
         """(drop path's 0/1 mask, indices of the kept samples, keep probability), or None for the masked form."""
         dp = self.drop_path
-        if _compiling() or not (self.skip_dropped_samples and isinstance(dp, DropPath) and dp.training
-                                and x.device.type == "cpu" and dp.drop_prob > 0):
-            return None  # compiled: the rate is not read (see DropPath), and a graph cannot skip samples
+        # compiled: a graph cannot skip samples, and the rate must not be read (see DropPath)
+        if not (self.skip_dropped_samples and isinstance(dp, DropPath) and dp.training and x.device.type == "cpu"
+                and not _compiling() and dp.drop_prob > 0):
+            return None
         if self.attn.attn_drop.p > 0 or self.attn.proj_drop.p > 0 or self.mlp.drop.p > 0:
             return None
         keep_prob = 1 - dp.drop_prob
