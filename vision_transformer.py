@@ -35,7 +35,11 @@ def drop_path(x, drop_prob: float = 0., training: bool = False):
     """Stochastic depth: drops the residual branch of whole samples."""
     if drop_prob == 0. or not training:
         return x
-    keep_prob = 1 - drop_prob
+    return _drop_samples(x, 1 - drop_prob)
+
+
+def _drop_samples(x, keep_prob):
+    """x / keep_prob for the samples kept, 0 for those dropped (keep_prob: a float or a 0-dim tensor)."""
     return x.div(keep_prob) * _keep_mask(x, keep_prob)
 
 
@@ -72,7 +76,7 @@ class DropPath(nn.Module):
     def forward(self, x):
         if self.training and "keep_prob_tensor" in self._buffers and _compiling():
             # a rate of 0 gives x / 1 * 1: the same x, so no branch on the rate here
-            return x.div(self.keep_prob_tensor) * _keep_mask(x, self.keep_prob_tensor)
+            return _drop_samples(x, self.keep_prob_tensor)
         return drop_path(x, self.drop_prob, self.training)
 
 
