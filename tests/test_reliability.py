@@ -117,12 +117,17 @@ def test_kill_during_save_keeps_the_previous_checkpoint(tmp_path):
     ) % (ROOT, str(path))
     rng = random.Random(0)
     for _ in range(4):
-        proc = subprocess.Popen([sys.executable, "-c", writer], env=env())
+        proc = subprocess.Popen([sys.executable, "-c", writer], env=env(), stderr=subprocess.PIPE, text=True)
+        deadline = time.time() + 120
         while not path.exists():
+            # a writer that cannot write (full disk, failed import) ends or stalls: fail, never wait forever
+            if proc.poll() is not None or time.time() > deadline:
+                proc.kill()
+                pytest.fail("the writer wrote no checkpoint: " + proc.communicate()[1][-2000:])
             time.sleep(0.01)
         time.sleep(rng.uniform(0.05, 0.6))
         proc.send_signal(signal.SIGKILL)
-        proc.wait()
+        proc.communicate()
         ckpt = utils.load_checkpoint_file(str(path))
         assert torch.all(ckpt["w"] == float(ckpt["step"]))
 
