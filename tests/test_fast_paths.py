@@ -56,7 +56,10 @@ def assert_same_output_and_gradients(a, b):
     torch.testing.assert_close(b[0], a[0], rtol=1e-4, atol=1e-5)
     assert a[1].keys() == b[1].keys()
     for name in a[1]:
-        torch.testing.assert_close(b[1][name], a[1][name], rtol=1e-3, atol=1e-5, msg=name)
+        # fp32 rounding of a sum scales with the sum's largest terms: an element near zero in a gradient of
+        # magnitude 100 may be off by 1e-5 (the class token's, seen with AVX2 kernels)
+        atol = 1e-5 * max(1.0, a[1][name].abs().max().item())
+        torch.testing.assert_close(b[1][name], a[1][name], rtol=1e-3, atol=atol, msg=name)
 
 
 def test_sdpa_attention_matches_explicit_softmax_forward_and_gradients(one_thread):
