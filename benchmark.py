@@ -80,6 +80,8 @@ def get_args_parser():
     p.add_argument("--rounds", default=5, type=int, help="A,B alternations; medians over rounds")
     p.add_argument("--compile", action="store_true",
                    help="add side C: B with main_dino.py --compile (each transformer block compiled)")
+    p.add_argument("--cuda_graph", action="store_true",
+                   help="add side G: B with main_dino.py --cuda_graph (the backbones replayed as CUDA graphs; GPUs)")
     p.add_argument("--threads", default=0, type=int, help="torch threads for the step (0: torch's default)")
     p.add_argument("--peak_tflops", default=0.0, type=float,
                    help="device peak for MFU when the device is not in the built-in table")
@@ -209,8 +211,9 @@ class ReferenceStep(object):
 
 class PackageStep(object):
     """Side B: one step as main_dino.Trainer.train_one_epoch runs it."""
-    def __init__(self, student, teacher, args, accel, mode, compiled=False):
-        self.name = "this package, compiled blocks" if compiled else "this package"
+    def __init__(self, student, teacher, args, accel, mode, compiled=False, graphed=False):
+        self.name = ("this package, compiled blocks" if compiled else
+                     "this package, CUDA graphs" if graphed else "this package")
         self.accel = accel
         self.student, self.teacher = student, teacher
         for m in (student, teacher):
@@ -224,8 +227,15 @@ class PackageStep(object):
         self.pending_nonfinite = None
         if compiled:
             utils.compile_repeated_blocks([student, teacher], accel)
+        self.graphs_pending = graphed
 
     def __call__(self, images):
+        if self.graphs_pending:  # as main_dino.Trainer.capture_graphs, at the first step
+            self.graphs_pending = False
+            calls = [(self.teacher.backbone, torch.cat(images[:2]), False)]
+            calls += [(self.student.backbone, torch.cat(images[start:end]), True)
+                      for start, end in utils.MultiCropWrapper.resolution_groups(images)]
+            utils.graph_backbones(calls, self.accel, self.precision)
         set_lr_and_wd(self.optimizer)
         with self.precision.autocast():
             with torch.no_grad():
@@ -364,6 +374,9 @@ def build_sides(args, accel, mode_b):
     if getattr(args, "compile", False):
         sides["C"] = PackageStep(accel.to(copy.deepcopy(student)), accel.to(copy.deepcopy(teacher)), args, accel,
                                  mode_b, compiled=True)
+    if getattr(args, "cuda_graph", False):
+        sides["G"] = PackageStep(accel.to(copy.deepcopy(student)), accel.to(copy.deepcopy(teacher)), args, accel,
+                                 mode_b, graphed=True)
     sides = {"A": ReferenceStep(accel.to(student), accel.to(teacher), args, accel), **sides}
     g = torch.Generator().manual_seed(0)
     sizes = [args.global_crop_size] * 2 + [args.local_crop_size] * args.local_crops_number
@@ -377,6 +390,10 @@ def bench_step(args, accel):
     mode_b = resolve_package_mode(args, accel)
     if mode_b == "fp16" and accel.kind == "cpu":
         raise UserError("--precision fp16 needs a GPU or NPU (CPUs: fp32 or bf16)")
+    if args.cuda_graph:
+        reason = utils.cuda_graph_unsupported_reason(accel.kind, False, mode_b)
+        if reason:
+            raise UserError(reason)
     sides, images = build_sides(args, accel, mode_b)
     sizes = [im.shape[-1] for im in images]
     keys = list(sides)
@@ -396,7 +413,8 @@ def bench_step(args, accel):
               f"drop path skips samples (CPU), weight-norm by output scaling (hand-written backward), DINOLoss matmul, "
               f"fused clip/EMA, {type(side.optimizer).__name__}({_optimizer_kind(side.optimizer)})"
               + ((", torch.compile of each block's attention and MLP" if accel.kind == "cpu" else
-                  ", torch.compile of each block") if key == "C" else ""), flush=True)
+                  ", torch.compile of each block") if key == "C" else "")
+              + (", backbones replayed as CUDA graphs" if key == "G" else ""), flush=True)
 
     for key in keys:
         for _ in range(args.warmup if key != "C" else max(args.warmup, 2)):  # C compiles in its first steps
@@ -440,7 +458,7 @@ def bench_step(args, accel):
 
     summary = {"what": "step", "device": accel.describe(), "threads": threads, "arch": args.arch,
                "patch_size": args.patch_size, "batch_size": args.batch_size, "out_dim": args.out_dim,
-               "crops": sizes, "compile": "C" in sides, "step_gflop": flops / 1e9,
+               "crops": sizes, "compile": "C" in sides, "cuda_graph": "G" in sides, "step_gflop": flops / 1e9,
                **{f"{k}_precision": sides[k].mode for k in keys}}
     if profiles:
         summary["profile"] = profiles

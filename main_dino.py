@@ -139,6 +139,10 @@ def get_args_parser():
     parser.add_argument('--compile', action='store_true', help="""torch.compile each transformer block
         (GPUs with triton, CPUs with a C++ compiler; not NPUs). Same maths; the first steps take
         tens of seconds longer while the blocks compile.""")
+    parser.add_argument('--cuda_graph', action='store_true', help="""NVIDIA GPUs: replay the student's and
+        the teacher's backbone (forward and backward) as CUDA graphs, captured at the first step, instead of
+        launching their thousands of kernels one by one. Same maths; fixed crop sizes (other shapes run
+        eagerly).""")
     parser.add_argument('--use_color_jitter_opti', action='store_true',
         help="""Faster colour jitter on uint8 arrays with torchvision's semantics (see README).""")
 
@@ -599,6 +603,12 @@ class Trainer(object):
         if args.compile:
             compiled = utils.compile_repeated_blocks([student, teacher], self.accel)
             print(f"torch.compile: {compiled} transformer blocks (compiled during the first steps)")
+        self.graphs_pending = getattr(args, "cuda_graph", False)
+        if self.graphs_pending:
+            reason = utils.cuda_graph_unsupported_reason(self.accel.kind, args.compile, mode,
+                                                         sync_batchnorm=distributed and utils.has_batchnorms(student))
+            if reason:
+                raise UserError(reason)
         self.student_core, self.teacher = student, teacher
         if distributed:
             student = nn.parallel.DistributedDataParallel(student, device_ids=self.accel.ddp_device_ids)
@@ -679,6 +689,16 @@ class Trainer(object):
 
     # ---- training ----
 
+    def capture_graphs(self, images):
+        """--cuda_graph: the backbones' calls of a step, in the order the step makes them, as CUDA graphs."""
+        self.graphs_pending = False
+        student, teacher = self.student_core.backbone, self.teacher.backbone
+        calls = [(teacher, torch.cat(images[:2]), False)]
+        calls += [(student, torch.cat(images[start:end]), True)
+                  for start, end in utils.MultiCropWrapper.resolution_groups(images)]
+        count = utils.graph_backbones(calls, self.accel, self.precision)
+        print(f"CUDA graphs: {count} backbone calls captured")
+
     def train(self):
         args = self.args
         global_step = self.start_epoch * self.steps_per_epoch + self.start_step
@@ -733,6 +753,8 @@ class Trainer(object):
                 self.report_bad_images(failed)
 
             images = [self.accel.to(im) for im in images]
+            if self.graphs_pending:
+                self.capture_graphs(images)
             with self.precision.autocast():
                 with torch.no_grad():
                     teacher_output = self.teacher(images[:2])  # only the 2 global views pass through the teacher

@@ -473,18 +473,25 @@ class MultiCropWrapper(nn.Module):
         self.backbone = backbone
         self.head = head
 
+    @staticmethod
+    def resolution_groups(crops):
+        """(start, end) of each run of consecutive crops of equal resolution."""
+        groups, start = [], 0
+        for i in range(1, len(crops) + 1):
+            if i == len(crops) or crops[i].shape[-1] != crops[start].shape[-1]:
+                groups.append((start, i))
+                start = i
+        return groups
+
     def forward(self, x):
         if not isinstance(x, (list, tuple)):
             x = [x]
-        sizes = torch.tensor([inp.shape[-1] for inp in x])
-        ends = torch.cumsum(torch.unique_consecutive(sizes, return_counts=True)[1], 0).tolist()
-        outputs, start = [], 0
-        for end in ends:
+        outputs = []
+        for start, end in self.resolution_groups(x):
             out = self.backbone(torch.cat(x[start:end]))
             if isinstance(out, tuple):  # XCiT-style backbones return (cls, patches)
                 out = out[0]
             outputs.append(out)
-            start = end
         return self.head(torch.cat(outputs))
 
 
@@ -1147,6 +1154,85 @@ def _ddp_ignore_rate_buffers(model):
     ignore = getattr(nn.parallel.DistributedDataParallel, "_set_params_and_buffers_to_ignore_for_model", None)
     if names and ignore is not None:
         ignore(model, sorted(set(getattr(model, "_ddp_params_and_buffers_to_ignore", ())) | set(names)))
+
+
+def cuda_graph_unsupported_reason(kind, compiled, precision_mode, sync_batchnorm=False):
+    """--cuda_graph needs CUDA and replaces the backbone's forward, which --compile and apex also take over."""
+    if kind != "cuda":
+        return f"--cuda_graph needs an NVIDIA GPU (CUDA graphs); this run is on {kind}"
+    if compiled:
+        return "--cuda_graph and --compile exclude each other: use one of them"
+    if precision_mode == "apex_o1":
+        return "--cuda_graph does not work with apex O1 (it patches functions at run time)"
+    if sync_batchnorm:  # its collectives would be captured into the graph
+        return "--cuda_graph does not work with SyncBatchNorm (a backbone with batch norms on several GPUs)"
+    return None
+
+
+class _BackboneCall(nn.Module):
+    """The backbone's own forward as a module of its own, for one input shape: make_graphed_callables replaces
+    this module's forward, not the backbone's, and its parameters are the backbone's."""
+    def __init__(self, backbone, forward):
+        super().__init__()
+        self.backbone = backbone
+        self._forward = forward
+
+    def forward(self, x):
+        return self._forward(x)
+
+
+def _autocast_enabled(device_type):
+    try:
+        return torch.is_autocast_enabled(device_type)
+    except TypeError:  # torch < 2.4: no argument, CUDA's state (the only device graphs run on)
+        return torch.is_autocast_enabled() if device_type == "cuda" else torch.is_autocast_cpu_enabled()
+
+
+def _graph_key(backbone, x):
+    return (tuple(x.shape), x.dtype, backbone.training, torch.is_grad_enabled(), _autocast_enabled(x.device.type))
+
+
+def graph_backbones(calls, accelerator, precision, make_graphed=None):
+    """--cuda_graph: each backbone's forward (and backward) for the given inputs becomes a CUDA graph replay.
+
+    calls: (backbone, sample input, grad enabled) in the order the step runs them (teacher, student's global
+    crops, student's local crops). A GPU step of the eager model is host-bound (thousands of kernel launches of
+    a few microseconds each); a replay launches each graph at once. The backbone keeps its parameters and names
+    (checkpoints unchanged); a call with another shape, dtype, mode or precision runs the eager forward. Warm-up
+    and capture run forward and backward without touching the weights, and the random state is put back, so the
+    run draws what an eager run draws. Returns the number of graphed calls.
+    """
+    make_graphed = make_graphed or torch.cuda.make_graphed_callables
+    originals = {}
+    wrappers, samples, keys = [], [], []
+    for backbone, sample, grad_enabled in calls:
+        if id(backbone) not in originals:
+            originals[id(backbone)] = (backbone, backbone.forward)
+        wrappers.append(_BackboneCall(backbone, originals[id(backbone)][1]))
+        samples.append((sample.detach().clone().requires_grad_(False),))
+    cpu_state, device_state = torch.get_rng_state(), accelerator.get_rng_state()
+    autocast_dtype = precision.autocast_dtype
+    try:
+        # make_graphed_callables refuses autocast's weight-cast cache: a cached cast would be baked into the graph
+        with torch.autocast(device_type=accelerator.kind, dtype=autocast_dtype or torch.float32,
+                            enabled=autocast_dtype is not None, cache_enabled=False):
+            keys = [_graph_key(b, s[0])[:3] + (grad, autocast_dtype is not None)
+                    for (b, _, grad), s in zip(calls, samples)]
+            graphed = make_graphed(tuple(wrappers), tuple(samples))
+    finally:
+        torch.set_rng_state(cpu_state)
+        accelerator.set_rng_state(device_state)
+    tables = {}
+    for (backbone, _, _), key, call in zip(calls, keys, graphed):
+        tables.setdefault(id(backbone), {})[key] = call
+    for ident, (backbone, original) in originals.items():
+        table = tables[ident]
+
+        def dispatch(x, _backbone=backbone, _original=original, _table=table):
+            call = _table.get(_graph_key(_backbone, x)) if isinstance(x, torch.Tensor) else None
+            return call(x) if call is not None else _original(x)
+        backbone.forward = dispatch
+    return len(wrappers)
 
 
 def is_dist_avail_and_initialized():

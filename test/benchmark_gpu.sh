@@ -1,16 +1,18 @@
 #!/bin/bash
-# The GPU measurement of BENCHMARKS.md in one go (about 7 minutes on one H100), most important first:
-#   1. benchmark.py, ViT-S/16 recipe, batch 64, synthetic crops: A (the reference's fp16 step) against
-#      B (this package, fp16) and C (B with compiled blocks), with a profile of one step of each side
-#      (25 costliest kernels);
-#   2. the same with --amp (B and C in bf16);
-#   3. a 40-step main_dino.py --synthetic run with --amp, to check the trainer end to end on the GPU;
-#   4. when the host CPU has AMX: the CPU step of BENCHMARKS.md with --amp (bf16 on AMX) on 2 threads,
+# The GPU measurement of BENCHMARKS.md in one go (about 6 minutes on one H100), most important first:
+#   1. the CUDA-graph tests of tests/test_cuda_graphs.py (the real capture: graphed steps train as eager ones;
+#      main_dino.py --cuda_graph runs and resumes), when pytest is installed;
+#   2. benchmark.py, ViT-S/16 recipe, batch 64, synthetic crops: A (the reference's fp16 step) against
+#      B (this package, fp16) and G (B with the backbones replayed as CUDA graphs), with a profile of one step
+#      of each side (25 costliest kernels);
+#   3. the same with --amp (B and G in bf16);
+#   4. a 40-step main_dino.py --synthetic run with --amp --cuda_graph, to check the trainer end to end;
+#   5. when the host CPU has AMX: the CPU step of BENCHMARKS.md with --amp (bf16 on AMX) on 2 threads,
 #      the AMX target, which the development machines cannot measure.
-# A failure in 1 or 3 ends the run early, so that a corrected rerun still fits a short device lease; a step
-# that would start with under 20 s of the budget left is skipped.
+# A failure in 2 or 4 ends the run early, so that a corrected rerun still fits a short device lease; a step
+# that would start with under 20 s of the budget left is skipped. COMPILE=1 adds side C (compiled blocks).
 # Logs go to the folder given as the first argument (default: test/output/gpu_bench), the JSON results
-# into json.tar there (at most 7 files in all).
+# into json.tar there (at most 8 files in all).
 #   bash test/benchmark_gpu.sh [OUTPUT_DIR]        (BUDGET_S=seconds for the whole run, default 460)
 set -u
 set -o pipefail
@@ -46,20 +48,27 @@ timed() {
 
 status=0
 common=(--what step --device cuda --arch vit_small --patch_size 16 --batch_size 64 --steps 10 --rounds 7
-        --warmup 3 --compile)
+        --warmup 3 --cuda_graph)
+[ "${COMPILE:-0}" = 1 ] && common+=(--compile)
 finish() {
     grep -h -e "speed-up" -e "median" -e "MFU" "$out_dir"/step_*.log "$out_dir"/cpu_*.log 2>/dev/null
     grep -h "Training throughput" "$out_dir/train.log" 2>/dev/null
+    tail -n 1 "$out_dir/graph_tests.log" 2>/dev/null
     tar -cf "$out_dir/json.tar" -C "$json_dir" . 2>/dev/null
     rm -rf "$json_dir"
     echo "elapsed: ${SECONDS} s"
     exit $status
 }
+if "$PYTHON" -c "import pytest" 2>/dev/null; then
+    timed graph_tests 150 "$PYTHON" -m pytest -q -p no:cacheprovider tests/test_cuda_graphs.py || status=1
+else
+    echo "CUDA-graph tests skipped: $PYTHON has no pytest" | tee "$out_dir/graph_tests.log"
+fi
 timed step_fp16 240 "$PYTHON" benchmark.py "${common[@]}" --profile 25 --json "$json_dir/step_fp16.json" || {
     status=1; finish; }
 timed step_bf16 200 "$PYTHON" benchmark.py "${common[@]}" --amp --json "$json_dir/step_bf16.json" || status=1
 timed train 100 "$PYTHON" main_dino.py --synthetic --device cuda --arch vit_small --patch_size 16 \
-    --batch_size 64 --amp --epochs 1 --warmup_epochs 0 --num_steps 40 --num_workers 2 \
+    --batch_size 64 --amp --cuda_graph --epochs 1 --warmup_epochs 0 --num_steps 40 --num_workers 2 \
     --output_dir "${TMPDIR:-/tmp}/dino_gpu_check" || { status=1; finish; }
 amx_cores=$(grep -c -w amx_bf16 /proc/cpuinfo 2>/dev/null)
 if [ "${amx_cores:-0}" -gt 0 ]; then

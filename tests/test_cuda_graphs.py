@@ -1,0 +1,189 @@
+"""--cuda_graph: the backbones' calls replayed as CUDA graphs. On CPUs the plumbing around
+torch.cuda.make_graphed_callables is tested with a stand-in that runs the callables eagerly; the GPU tests at the
+end run the real capture (test/benchmark_gpu.sh runs them on a GPU machine)."""
+import argparse
+import copy
+import types
+
+import pytest
+import torch
+
+import benchmark
+import main_dino
+import utils
+import vision_transformer as vits
+from helpers import TINY_TRAIN_ARGS, run_py
+
+CUDA = torch.cuda.is_available()
+
+
+def tiny_pair(drop_path_rate=0.2):
+    ns = argparse.Namespace(arch="vit_tiny", patch_size=8, out_dim=64, drop_path_rate=drop_path_rate,
+                            use_bn_in_head=False, norm_last_layer=True)
+    torch.manual_seed(0)
+    student, teacher = main_dino.build_student_teacher(ns)
+    teacher.load_state_dict(student.state_dict())
+    for p in teacher.parameters():
+        p.requires_grad = False
+    return student, teacher
+
+
+def crops(batch=2, n_local=2, device="cpu"):
+    g = torch.Generator().manual_seed(1)
+    return [torch.randn(batch, 3, s, s, generator=g).to(device) for s in [32, 32] + [16] * n_local]
+
+
+def step_calls(student, teacher, images):
+    calls = [(teacher.backbone, torch.cat(images[:2]), False)]
+    return calls + [(student.backbone, torch.cat(images[a:b]), True)
+                    for a, b in utils.MultiCropWrapper.resolution_groups(images)]
+
+
+class StandIn(object):
+    """Runs like make_graphed_callables on a CPU: warm-up forward and backward passes that draw random numbers
+    (drop path), then each callable's forward, counted, in place of a graph replay."""
+    def __init__(self):
+        self.seen, self.replays = None, []
+
+    def __call__(self, callables, sample_args):
+        self.seen = (callables, sample_args)
+        for call, args in zip(callables, sample_args):
+            for _ in range(3):
+                out = call(*args)
+                if out.requires_grad:
+                    torch.autograd.grad(out.sum(), [p for p in call.parameters() if p.requires_grad])
+
+        def replayed(i, call):
+            def run(x):
+                self.replays.append(i)
+                return call(x)
+            return run
+        return tuple(replayed(i, c) for i, c in enumerate(callables))
+
+
+def outputs_and_grads(student, teacher, images, seed):
+    torch.manual_seed(seed)
+    student.zero_grad(set_to_none=True)
+    with torch.no_grad():
+        t = teacher(images[:2])
+    s = student(images)
+    (s * torch.linspace(-1, 1, s.shape[-1])).sum().backward()
+    return t, s.detach(), {n: p.grad.clone() for n, p in student.named_parameters() if p.grad is not None}
+
+
+def test_resolution_groups_are_the_runs_of_equal_crop_sizes():
+    sized = lambda *sides: [torch.zeros(1, 3, s, s) for s in sides]
+    assert utils.MultiCropWrapper.resolution_groups(sized(32, 32, 16, 16, 16)) == [(0, 2), (2, 5)]
+    assert utils.MultiCropWrapper.resolution_groups(sized(32, 32)) == [(0, 2)]
+    assert utils.MultiCropWrapper.resolution_groups(sized(32, 16, 32)) == [(0, 1), (1, 2), (2, 3)]
+    assert utils.MultiCropWrapper.resolution_groups([]) == []
+
+
+def test_graphed_backbones_compute_what_eager_ones_do_and_keep_names_and_random_state():
+    student, teacher = tiny_pair()
+    plain_student, plain_teacher = copy.deepcopy(student), copy.deepcopy(teacher)
+    names = list(student.state_dict())
+    images = crops()
+    stand_in = StandIn()
+    torch.manual_seed(5)
+    before = torch.get_rng_state()
+    accel = utils.Accelerator.create("cpu")
+    count = utils.graph_backbones(step_calls(student, teacher, images), accel, utils.Precision("fp32", accel),
+                                  make_graphed=stand_in)
+    assert count == 3
+    assert torch.equal(torch.get_rng_state(), before)  # warm-up and capture draws are given back
+    wrappers, samples = stand_in.seen
+    assert [s[0].shape[-1] for s in samples] == [32, 32, 16]  # teacher, student global, student local: step order
+    assert not any(s[0].requires_grad for s in samples)
+    assert [list(w.parameters()) for w in wrappers[1:]] == [list(student.backbone.parameters())] * 2
+    assert list(wrappers[0].parameters()) == list(teacher.backbone.parameters())
+    assert list(student.state_dict()) == names  # checkpoints keep the reference's keys
+
+    stand_in.replays.clear()
+    graphed = outputs_and_grads(student, teacher, images, seed=7)
+    assert stand_in.replays == [0, 1, 2]  # every backbone call of the step went through its graph
+    plain = outputs_and_grads(plain_student, plain_teacher, images, seed=7)
+    for a, b in zip(graphed[:2], plain[:2]):
+        assert torch.equal(a, b)
+    assert graphed[2].keys() == plain[2].keys()
+    for name in plain[2]:
+        assert torch.equal(graphed[2][name], plain[2][name]), name
+
+
+def test_calls_the_graphs_were_not_captured_for_run_eagerly():
+    student, teacher = tiny_pair()
+    images = crops()
+    stand_in = StandIn()
+    accel = utils.Accelerator.create("cpu")
+    utils.graph_backbones(step_calls(student, teacher, images), accel, utils.Precision("fp32", accel),
+                          make_graphed=stand_in)
+    stand_in.replays.clear()
+    outputs_and_grads(student, teacher, crops(batch=3), seed=0)  # another batch size
+    with torch.no_grad():
+        student(images)  # the student without gradients (graphs hold a backward)
+    student.eval()
+    outputs_and_grads(student, teacher, images, seed=0)  # eval mode: no drop path, another graph
+    assert stand_in.replays == [0]  # only the last teacher call matched what was captured
+    student.train()
+    outputs_and_grads(student, teacher, images, seed=0)
+    assert stand_in.replays == [0, 0, 1, 2]
+
+
+def test_unsupported_settings_are_refused_in_one_line(tmp_path):
+    assert "NVIDIA GPU" in utils.cuda_graph_unsupported_reason("cpu", False, "fp32")
+    assert "NVIDIA GPU" in utils.cuda_graph_unsupported_reason("npu", False, "apex_o1")
+    assert "--compile" in utils.cuda_graph_unsupported_reason("cuda", True, "bf16")
+    assert "apex" in utils.cuda_graph_unsupported_reason("cuda", False, "apex_o1")
+    assert "SyncBatchNorm" in utils.cuda_graph_unsupported_reason("cuda", False, "fp16", sync_batchnorm=True)
+    for mode in ("fp32", "fp16", "bf16"):
+        assert utils.cuda_graph_unsupported_reason("cuda", False, mode) is None
+    result = run_py("main_dino.py", *TINY_TRAIN_ARGS, "--synthetic", "--num_steps", "1", "--cuda_graph",
+                    "--output_dir", tmp_path)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert result.stderr.strip().splitlines()[-1].endswith("--cuda_graph needs an NVIDIA GPU (CUDA graphs); "
+                                                            "this run is on cpu")
+    assert not (tmp_path / "checkpoint.pth").exists()
+    result = run_py("benchmark.py", "--what", "step", "--device", "cpu", "--cuda_graph", "--arch", "vit_tiny")
+    assert result.returncode == 2 and "Traceback" not in result.stderr and "--cuda_graph needs" in result.stderr
+
+
+# ---- on a GPU: the real capture ----
+
+def gpu_side(student, teacher, mode, graphed):
+    args = types.SimpleNamespace(out_dim=64, local_crops_number=2)
+    accel = utils.Accelerator.create("cuda")
+    return benchmark.PackageStep(accel.to(copy.deepcopy(student)), accel.to(copy.deepcopy(teacher)), args, accel,
+                                 mode, graphed=graphed)
+
+
+@pytest.mark.skipif(not CUDA, reason="CUDA graphs need an NVIDIA GPU")
+@pytest.mark.parametrize("mode", ["fp32", "bf16", "fp16"])
+def test_graphed_steps_train_as_eager_steps_on_a_gpu(mode):
+    """Three whole training steps (loss, clipping, AdamW, EMA) from the same weights and seed."""
+    student, teacher = tiny_pair(drop_path_rate=0.2)
+    images = crops(batch=4, device="cuda")
+    runs = []
+    for graphed in (False, True):
+        side = gpu_side(student, teacher, mode, graphed)
+        torch.manual_seed(3)
+        torch.cuda.manual_seed(3)
+        losses = [side(images) for _ in range(3)]
+        runs.append((torch.stack(losses).float().cpu(), {k: v.float().cpu() for k, v in
+                                                         side.teacher.state_dict().items()}))
+    (loss_eager, teacher_eager), (loss_graphed, teacher_graphed) = runs
+    tol = dict(rtol=1e-5, atol=1e-6) if mode == "fp32" else dict(rtol=1e-2, atol=1e-3)
+    torch.testing.assert_close(loss_graphed, loss_eager, **tol)
+    for name in teacher_eager:
+        torch.testing.assert_close(teacher_graphed[name], teacher_eager[name], **tol, msg=name)
+
+
+@pytest.mark.skipif(not CUDA, reason="CUDA graphs need an NVIDIA GPU")
+def test_main_dino_with_cuda_graph_runs_and_resumes_on_a_gpu(tmp_path):
+    args = [a for a in TINY_TRAIN_ARGS if a not in ("--device", "cpu")] + [
+        "--device", "cuda", "--synthetic", "--cuda_graph", "--amp", "--output_dir", tmp_path]
+    first = run_py("main_dino.py", *args, "--num_steps", "4", timeout=600)
+    assert first.returncode == 0, first.stderr[-3000:]
+    assert "CUDA graphs: 3 backbone calls captured" in first.stdout
+    again = run_py("main_dino.py", *args, "--num_steps", "6", timeout=600)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "Resuming from epoch 0, step 4." in again.stdout
