@@ -689,9 +689,16 @@ class Trainer(object):
 
     # ---- training ----
 
-    def capture_graphs(self, images):
-        """--cuda_graph: the backbones' calls of a step, in the order the step makes them, as CUDA graphs."""
-        self.graphs_pending = False
+    def step_crop_shapes(self):
+        args = self.args
+        sizes = [args.global_crop_size] * 2 + [args.local_crop_size] * args.local_crops_number
+        return [(args.batch_size_per_gpu, 3, size, size) for size in sizes]
+
+    def capture_graphs(self):
+        """--cuda_graph: the backbones' calls of a step, in the order the step makes them, as CUDA graphs.
+        Captured from crops of the step's shapes before the data loader starts, so that no loader thread
+        touches the GPU during the capture."""
+        images = [torch.zeros(shape, device=self.accel.device) for shape in self.step_crop_shapes()]
         student, teacher = self.student_core.backbone, self.teacher.backbone
         calls = [(teacher, torch.cat(images[:2]), False)]
         calls += [(student, torch.cat(images[start:end]), True)
@@ -699,12 +706,21 @@ class Trainer(object):
         count = utils.graph_backbones(calls, self.accel, self.precision)
         print(f"CUDA graphs: {count} backbone calls captured")
 
+    def check_graphed_crops(self, images):
+        """Crops of other shapes or types than the captured ones run eagerly: say so once."""
+        found = [(tuple(im.shape), im.dtype) for im in images]
+        if found != [(shape, torch.float32) for shape in self.step_crop_shapes()]:
+            print(f"Warning: --cuda_graph: the crops ({found}) differ from those captured; the backbones run "
+                  f"eagerly", file=sys.stderr)
+
     def train(self):
         args = self.args
         global_step = self.start_epoch * self.steps_per_epoch + self.start_step
         steps_this_run = max(self.total_steps - global_step, 0)
         throughput = ThroughputMeter(self.accel, warmup_steps=min(3, max(steps_this_run - 1, 0)))
         start_time = time.time()
+        if self.graphs_pending and steps_this_run > 0:
+            self.capture_graphs()
         print("Starting DINO training !")
         for epoch in range(self.start_epoch, args.epochs):
             if global_step >= self.total_steps:
@@ -754,7 +770,8 @@ class Trainer(object):
 
             images = [self.accel.to(im) for im in images]
             if self.graphs_pending:
-                self.capture_graphs(images)
+                self.graphs_pending = False
+                self.check_graphed_crops(images)
             with self.precision.autocast():
                 with torch.no_grad():
                     teacher_output = self.teacher(images[:2])  # only the 2 global views pass through the teacher

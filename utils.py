@@ -22,6 +22,7 @@ import builtins
 import contextlib
 import datetime
 import importlib
+import inspect
 import math
 import os
 import random
@@ -1218,7 +1219,10 @@ def graph_backbones(calls, accelerator, precision, make_graphed=None):
                             enabled=autocast_dtype is not None, cache_enabled=False):
             keys = [_graph_key(b, s[0])[:3] + (grad, autocast_dtype is not None)
                     for (b, _, grad), s in zip(calls, samples)]
-            graphed = make_graphed(tuple(wrappers), tuple(samples))
+            options = {}
+            if "capture_error_mode" in inspect.signature(make_graphed).parameters:
+                options["capture_error_mode"] = "thread_local"  # other threads' CUDA calls may go on meanwhile
+            graphed = make_graphed(tuple(wrappers), tuple(samples), **options)
     finally:
         torch.set_rng_state(cpu_state)
         accelerator.set_rng_state(device_state)

@@ -187,3 +187,37 @@ def test_main_dino_with_cuda_graph_runs_and_resumes_on_a_gpu(tmp_path):
     again = run_py("main_dino.py", *args, "--num_steps", "6", timeout=600)
     assert again.returncode == 0, again.stderr[-3000:]
     assert "Resuming from epoch 0, step 4." in again.stdout
+
+
+def test_trainer_checks_the_crops_against_the_captured_shapes(capsys):
+    trainer = main_dino.Trainer.__new__(main_dino.Trainer)
+    trainer.args = types.SimpleNamespace(global_crop_size=32, local_crop_size=16, local_crops_number=2,
+                                         batch_size_per_gpu=2)
+    assert trainer.step_crop_shapes() == [(2, 3, 32, 32)] * 2 + [(2, 3, 16, 16)] * 2
+    trainer.check_graphed_crops(crops(batch=2))
+    assert capsys.readouterr().err == ""
+    trainer.check_graphed_crops(crops(batch=3))
+    assert "differ from those captured; the backbones run eagerly" in capsys.readouterr().err
+
+
+def test_trainer_captures_before_training_and_trains_as_without_graphs(tmp_path, monkeypatch):
+    """main_dino.Trainer with graphs (the stand-in in place of the capture): the same teacher after 3 steps as a
+    run without, every backbone call of every step through its graph, in the step's order."""
+    def run(out, stand_in=None):
+        out.mkdir()
+        args = main_dino.get_args_parser().parse_args(
+            TINY_TRAIN_ARGS + ["--synthetic", "--num_steps", "3", "--output_dir", str(out)])
+        trainer = main_dino.Trainer(args)
+        if stand_in is not None:
+            monkeypatch.setattr(torch.cuda, "make_graphed_callables", stand_in)
+            trainer.graphs_pending = True  # as --cuda_graph on a GPU; refused on CPUs
+        trainer.train()
+        return trainer.teacher.state_dict()
+    stand_in = StandIn()
+    plain = run(tmp_path / "plain")
+    graphed = run(tmp_path / "graphed", stand_in)
+    assert stand_in.replays == [0, 1, 2] * 3
+    assert [s[0].shape for s in stand_in.seen[1]] == [(32, 3, 32, 32), (32, 3, 32, 32), (32, 3, 16, 16)]
+    assert plain.keys() == graphed.keys()
+    for name in plain:
+        assert torch.equal(plain[name], graphed[name]), name
