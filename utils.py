@@ -1223,6 +1223,9 @@ def graph_backbones(calls, accelerator, precision, make_graphed=None):
             if "capture_error_mode" in inspect.signature(make_graphed).parameters:
                 options["capture_error_mode"] = "thread_local"  # other threads' CUDA calls may go on meanwhile
             graphed = make_graphed(tuple(wrappers), tuple(samples), **options)
+    except (RuntimeError, AssertionError) as err:  # an op that cannot be captured: say which, in one line
+        raise UserError(f"--cuda_graph: capturing the backbones failed ({str(err).strip().splitlines()[0]}); "
+                        f"run without --cuda_graph") from err
     finally:
         torch.set_rng_state(cpu_state)
         accelerator.set_rng_state(device_state)

@@ -129,6 +129,21 @@ def test_calls_the_graphs_were_not_captured_for_run_eagerly():
     assert stand_in.replays == [0, 0, 1, 2]
 
 
+def test_a_failed_capture_is_one_line_and_leaves_the_backbones_eager():
+    student, teacher = tiny_pair()
+    images = crops()
+    accel = utils.Accelerator.create("cpu")
+    forwards = (student.backbone.forward, teacher.backbone.forward)
+
+    def failing(callables, sample_args):
+        raise RuntimeError("operation not permitted when stream is capturing\nmore detail")
+    with pytest.raises(utils.UserError, match=r"capturing the backbones failed \(operation not permitted when stream "
+                                              r"is capturing\); run without --cuda_graph$"):
+        utils.graph_backbones(step_calls(student, teacher, images), accel, utils.Precision("fp32", accel),
+                              make_graphed=failing)
+    assert (student.backbone.forward, teacher.backbone.forward) == forwards
+
+
 def test_unsupported_settings_are_refused_in_one_line(tmp_path):
     assert "NVIDIA GPU" in utils.cuda_graph_unsupported_reason("cpu", False, "fp32")
     assert "NVIDIA GPU" in utils.cuda_graph_unsupported_reason("npu", False, "apex_o1")
