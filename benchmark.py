@@ -232,10 +232,8 @@ class PackageStep(object):
     def __call__(self, images):
         if self.graphs_pending:  # as main_dino.Trainer.capture_graphs, at the first step
             self.graphs_pending = False
-            calls = [(self.teacher.backbone, torch.cat(images[:2]), False)]
-            calls += [(self.student.backbone, torch.cat(images[start:end]), True)
-                      for start, end in utils.MultiCropWrapper.resolution_groups(images)]
-            utils.graph_backbones(calls, self.accel, self.precision)
+            utils.graph_backbones(utils.backbone_calls_of_step(self.student, self.teacher, images), self.accel,
+                                  self.precision)
         set_lr_and_wd(self.optimizer)
         with self.precision.autocast():
             with torch.no_grad():

@@ -140,7 +140,7 @@ def get_args_parser():
         (GPUs with triton, CPUs with a C++ compiler; not NPUs). Same maths; the first steps take
         tens of seconds longer while the blocks compile.""")
     parser.add_argument('--cuda_graph', action='store_true', help="""NVIDIA GPUs: replay the student's and
-        the teacher's backbone (forward and backward) as CUDA graphs, captured at the first step, instead of
+        the teacher's backbone (forward and backward) as CUDA graphs, captured before the first step, instead of
         launching their thousands of kernels one by one. Same maths; fixed crop sizes (other shapes run
         eagerly).""")
     parser.add_argument('--use_color_jitter_opti', action='store_true',
@@ -699,11 +699,8 @@ class Trainer(object):
         Captured from crops of the step's shapes before the data loader starts, so that no loader thread
         touches the GPU during the capture."""
         images = [torch.zeros(shape, device=self.accel.device) for shape in self.step_crop_shapes()]
-        student, teacher = self.student_core.backbone, self.teacher.backbone
-        calls = [(teacher, torch.cat(images[:2]), False)]
-        calls += [(student, torch.cat(images[start:end]), True)
-                  for start, end in utils.MultiCropWrapper.resolution_groups(images)]
-        count = utils.graph_backbones(calls, self.accel, self.precision)
+        count = utils.graph_backbones(utils.backbone_calls_of_step(self.student_core, self.teacher, images),
+                                      self.accel, self.precision)
         print(f"CUDA graphs: {count} backbone calls captured")
 
     def check_graphed_crops(self, images):

@@ -1193,6 +1193,14 @@ def _graph_key(backbone, x):
     return (tuple(x.shape), x.dtype, backbone.training, torch.is_grad_enabled(), _autocast_enabled(x.device.type))
 
 
+def backbone_calls_of_step(student, teacher, crops):
+    """The backbone calls a DINO step makes, in order, as graph_backbones takes them: the teacher on the two
+    global crops (no gradients), then the student once per run of crops of one resolution."""
+    calls = [(teacher.backbone, torch.cat(crops[:2]), False)]
+    return calls + [(student.backbone, torch.cat(crops[start:end]), True)
+                    for start, end in MultiCropWrapper.resolution_groups(crops)]
+
+
 def graph_backbones(calls, accelerator, precision, make_graphed=None):
     """--cuda_graph: each backbone's forward (and backward) for the given inputs becomes a CUDA graph replay.
 

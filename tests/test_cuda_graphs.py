@@ -33,12 +33,6 @@ def crops(batch=2, n_local=2, device="cpu"):
     return [torch.randn(batch, 3, s, s, generator=g).to(device) for s in [32, 32] + [16] * n_local]
 
 
-def step_calls(student, teacher, images):
-    calls = [(teacher.backbone, torch.cat(images[:2]), False)]
-    return calls + [(student.backbone, torch.cat(images[a:b]), True)
-                    for a, b in utils.MultiCropWrapper.resolution_groups(images)]
-
-
 class StandIn(object):
     """Runs like make_graphed_callables on a CPU: warm-up forward and backward passes that draw random numbers
     (drop path), then each callable's forward, counted, in place of a graph replay."""
@@ -88,8 +82,8 @@ def test_graphed_backbones_compute_what_eager_ones_do_and_keep_names_and_random_
     torch.manual_seed(5)
     before = torch.get_rng_state()
     accel = utils.Accelerator.create("cpu")
-    count = utils.graph_backbones(step_calls(student, teacher, images), accel, utils.Precision("fp32", accel),
-                                  make_graphed=stand_in)
+    calls = utils.backbone_calls_of_step(student, teacher, images)
+    count = utils.graph_backbones(calls, accel, utils.Precision("fp32", accel), make_graphed=stand_in)
     assert count == 3
     assert torch.equal(torch.get_rng_state(), before)  # warm-up and capture draws are given back
     wrappers, samples = stand_in.seen
@@ -115,8 +109,8 @@ def test_calls_the_graphs_were_not_captured_for_run_eagerly():
     images = crops()
     stand_in = StandIn()
     accel = utils.Accelerator.create("cpu")
-    utils.graph_backbones(step_calls(student, teacher, images), accel, utils.Precision("fp32", accel),
-                          make_graphed=stand_in)
+    utils.graph_backbones(utils.backbone_calls_of_step(student, teacher, images), accel,
+                          utils.Precision("fp32", accel), make_graphed=stand_in)
     stand_in.replays.clear()
     outputs_and_grads(student, teacher, crops(batch=3), seed=0)  # another batch size
     with torch.no_grad():
@@ -139,8 +133,8 @@ def test_a_failed_capture_is_one_line_and_leaves_the_backbones_eager():
         raise RuntimeError("operation not permitted when stream is capturing\nmore detail")
     with pytest.raises(utils.UserError, match=r"capturing the backbones failed \(operation not permitted when stream "
                                               r"is capturing\); run without --cuda_graph$"):
-        utils.graph_backbones(step_calls(student, teacher, images), accel, utils.Precision("fp32", accel),
-                              make_graphed=failing)
+        utils.graph_backbones(utils.backbone_calls_of_step(student, teacher, images), accel,
+                              utils.Precision("fp32", accel), make_graphed=failing)
     assert (student.backbone.forward, teacher.backbone.forward) == forwards
 
 
