@@ -1213,20 +1213,20 @@ def graph_backbones(calls, accelerator, precision, make_graphed=None):
     """
     make_graphed = make_graphed or torch.cuda.make_graphed_callables
     originals = {}
-    wrappers, samples, keys = [], [], []
+    wrappers, samples = [], []
     for backbone, sample, grad_enabled in calls:
         if id(backbone) not in originals:
             originals[id(backbone)] = (backbone, backbone.forward)
         wrappers.append(_BackboneCall(backbone, originals[id(backbone)][1]))
         samples.append((sample.detach().clone().requires_grad_(False),))
-    cpu_state, device_state = torch.get_rng_state(), accelerator.get_rng_state()
     autocast_dtype = precision.autocast_dtype
+    keys = [(tuple(sample.shape), sample.dtype, backbone.training, grad_enabled, autocast_dtype is not None)
+            for backbone, sample, grad_enabled in calls]  # as _graph_key reads them at each call
+    cpu_state, device_state = torch.get_rng_state(), accelerator.get_rng_state()
     try:
         # make_graphed_callables refuses autocast's weight-cast cache: a cached cast would be baked into the graph
         with torch.autocast(device_type=accelerator.kind, dtype=autocast_dtype or torch.float32,
                             enabled=autocast_dtype is not None, cache_enabled=False):
-            keys = [_graph_key(b, s[0])[:3] + (grad, autocast_dtype is not None)
-                    for (b, _, grad), s in zip(calls, samples)]
             options = {}
             if "capture_error_mode" in inspect.signature(make_graphed).parameters:
                 options["capture_error_mode"] = "thread_local"  # other threads' CUDA calls may go on meanwhile
