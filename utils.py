@@ -1151,7 +1151,8 @@ def compile_repeated_blocks(models, accelerator, units=None):
 def _ddp_ignore_rate_buffers(model):
     """Drop path's rate buffers are equal on every rank by construction: DistributedDataParallel need not broadcast
     them at every forward (a collective per step that the eager model, without buffers, never had)."""
-    names = [name for name, _ in model.named_buffers() if name.endswith("keep_prob_tensor")]
+    names = [f"{name}.{module.RATE_BUFFER}" for name, module in model.named_modules()
+             if getattr(module, "RATE_BUFFER", None) in getattr(module, "_buffers", {})]
     ignore = getattr(nn.parallel.DistributedDataParallel, "_set_params_and_buffers_to_ignore_for_model", None)
     if names and ignore is not None:
         ignore(model, sorted(set(getattr(model, "_ddp_params_and_buffers_to_ignore", ())) | set(names)))
@@ -1189,8 +1190,9 @@ def _autocast_enabled(device_type):
         return torch.is_autocast_enabled() if device_type == "cuda" else torch.is_autocast_cpu_enabled()
 
 
-def _graph_key(backbone, x):
-    return (tuple(x.shape), x.dtype, backbone.training, torch.is_grad_enabled(), _autocast_enabled(x.device.type))
+def _graph_key(x, training, grad_enabled, autocast):
+    """What a backbone call must match to replay a graph captured for it."""
+    return tuple(x.shape), x.dtype, training, grad_enabled, autocast
 
 
 def backbone_calls_of_step(student, teacher, crops):
@@ -1212,16 +1214,12 @@ def graph_backbones(calls, accelerator, precision, make_graphed=None):
     run draws what an eager run draws. Returns the number of graphed calls.
     """
     make_graphed = make_graphed or torch.cuda.make_graphed_callables
-    originals = {}
-    wrappers, samples = [], []
-    for backbone, sample, grad_enabled in calls:
-        if id(backbone) not in originals:
-            originals[id(backbone)] = (backbone, backbone.forward)
-        wrappers.append(_BackboneCall(backbone, originals[id(backbone)][1]))
-        samples.append((sample.detach().clone().requires_grad_(False),))
+    originals = {}  # id(backbone) -> (backbone, its own forward, {graph key: graphed call})
+    for backbone, _, _ in calls:
+        originals.setdefault(id(backbone), (backbone, backbone.forward, {}))
+    wrappers = [_BackboneCall(backbone, originals[id(backbone)][1]) for backbone, _, _ in calls]
+    samples = [(sample.detach().clone().requires_grad_(False),) for _, sample, _ in calls]
     autocast_dtype = precision.autocast_dtype
-    keys = [(tuple(sample.shape), sample.dtype, backbone.training, grad_enabled, autocast_dtype is not None)
-            for backbone, sample, grad_enabled in calls]  # as _graph_key reads them at each call
     cpu_state, device_state = torch.get_rng_state(), accelerator.get_rng_state()
     try:
         # make_graphed_callables refuses autocast's weight-cast cache: a cached cast would be baked into the graph
@@ -1237,14 +1235,16 @@ def graph_backbones(calls, accelerator, precision, make_graphed=None):
     finally:
         torch.set_rng_state(cpu_state)
         accelerator.set_rng_state(device_state)
-    tables = {}
-    for (backbone, _, _), key, call in zip(calls, keys, graphed):
-        tables.setdefault(id(backbone), {})[key] = call
-    for ident, (backbone, original) in originals.items():
-        table = tables[ident]
+    for (backbone, sample, grad_enabled), call in zip(calls, graphed):
+        key = _graph_key(sample, backbone.training, grad_enabled, autocast_dtype is not None)
+        originals[id(backbone)][2][key] = call
+    for backbone, original, table in originals.values():
 
         def dispatch(x, _backbone=backbone, _original=original, _table=table):
-            call = _table.get(_graph_key(_backbone, x)) if isinstance(x, torch.Tensor) else None
+            call = None
+            if isinstance(x, torch.Tensor):
+                call = _table.get(_graph_key(x, _backbone.training, torch.is_grad_enabled(),
+                                             _autocast_enabled(x.device.type)))
             return call(x) if call is not None else _original(x)
         backbone.forward = dispatch
     return len(wrappers)

@@ -50,6 +50,8 @@ def _keep_mask(x, keep_prob, dtype=None):
 
 
 class DropPath(nn.Module):
+    RATE_BUFFER = "keep_prob_tensor"  # the name utils.compile_repeated_blocks tells DDP not to broadcast
+
     def __init__(self, drop_prob=None):
         super().__init__()
         self.drop_prob = drop_prob
@@ -61,7 +63,7 @@ class DropPath(nn.Module):
     @drop_prob.setter
     def drop_prob(self, value):
         self._drop_prob = value
-        if "keep_prob_tensor" in self._buffers:
+        if self.RATE_BUFFER in self._buffers:
             with torch.no_grad():
                 self.keep_prob_tensor.fill_(1. - (value or 0.))
 
@@ -69,12 +71,12 @@ class DropPath(nn.Module):
         """For torch.compile (utils.compile_repeated_blocks): keep the keep probability in a tensor too. A float rate
         is baked into each block's graph (one recompilation per block); as a buffer, all blocks share a graph. Not
         persistent, so checkpoints keep the reference's keys; eager models never get it."""
-        if "keep_prob_tensor" not in self._buffers:
-            self.register_buffer("keep_prob_tensor", torch.tensor(1. - (self.drop_prob or 0.), device=device),
+        if self.RATE_BUFFER not in self._buffers:
+            self.register_buffer(self.RATE_BUFFER, torch.tensor(1. - (self.drop_prob or 0.), device=device),
                                  persistent=False)
 
     def forward(self, x):
-        if self.training and "keep_prob_tensor" in self._buffers and _compiling():
+        if self.training and self.RATE_BUFFER in self._buffers and _compiling():
             # a rate of 0 gives x / 1 * 1: the same x, so no branch on the rate here
             return _drop_samples(x, self.keep_prob_tensor)
         return drop_path(x, self.drop_prob, self.training)
