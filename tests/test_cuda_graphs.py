@@ -268,3 +268,21 @@ def test_trainer_captures_before_training_and_trains_as_without_graphs(tmp_path,
     assert plain.keys() == graphed.keys()
     for name in plain:
         assert torch.equal(plain[name], graphed[name]), name
+
+
+def test_benchmark_leaves_side_g_out_when_its_capture_fails(monkeypatch, capsys):
+    """A capture that fails on a GPU machine costs side G, not the A/B measurement of the same run."""
+    def failing_capture(calls, accelerator, precision, make_graphed=None):
+        raise utils.UserError("--cuda_graph: capturing the backbones failed (operation not permitted when stream "
+                              "is capturing); run without --cuda_graph")
+    monkeypatch.setattr(utils, "cuda_graph_unsupported_reason", lambda *args, **kwargs: None)  # as on a GPU
+    monkeypatch.setattr(utils, "graph_backbones", failing_capture)
+    args = benchmark.get_args_parser().parse_args(
+        ["--device", "cpu", "--arch", "vit_tiny", "--patch_size", "16", "--out_dim", "64", "--batch_size", "2",
+         "--global_crop_size", "32", "--local_crop_size", "16", "--local_crops_number", "2", "--steps", "1",
+         "--rounds", "2", "--warmup", "0", "--threads", "1", "--cuda_graph"])
+    summary = benchmark.run(args)[0]
+    out = capsys.readouterr().out
+    assert "G left out: --cuda_graph: capturing the backbones failed (operation not permitted" in out
+    assert "G" not in summary and summary["A"]["img_s_median"] > 0 and summary["B"]["img_s_median"] > 0
+    assert "speed-up B/A" in out and "G/A" not in out
