@@ -8,7 +8,8 @@
 #   3. the same with --amp (B and G in bf16);
 #   4. a 40-step main_dino.py --synthetic run with --amp --cuda_graph, to check the trainer end to end;
 #   5. when the host CPU has AMX: the CPU step of BENCHMARKS.md with --amp (bf16 on AMX) on 2 threads,
-#      the AMX target, which the development machines cannot measure.
+#      the AMX target, which the development machines cannot measure; with 150 s of the budget left,
+#      again with side C (compiled blocks).
 # A failure in 2 or 4 ends the run early, so that a corrected rerun still fits a short device lease; a step
 # that would start with under 20 s of the budget left is skipped. COMPILE=1 adds side C (compiled blocks).
 # Logs go to the folder given as the first argument (default: test/output/gpu_bench), the JSON results
@@ -74,6 +75,12 @@ amx_cores=$(grep -c -w amx_bf16 /proc/cpuinfo 2>/dev/null)
 if [ "${amx_cores:-0}" -gt 0 ]; then
     timed cpu_amx_bf16 80 "$PYTHON" benchmark.py --what step --device cpu --threads 2 --batch_size 4 --steps 1 \
         --rounds 5 --warmup 1 --amp --json "$json_dir/cpu_amx_bf16.json" || status=1
+    # with time to spare, the same with side C: where AMX makes the matrix products cheap, the fused
+    # elementwise work of the compiled blocks weighs more (compiling takes about a minute on 2 threads)
+    if [ $(( budget - SECONDS )) -ge 150 ]; then
+        timed cpu_amx_bf16_compiled 150 "$PYTHON" benchmark.py --what step --device cpu --threads 2 --batch_size 4 \
+            --steps 1 --rounds 4 --warmup 1 --amp --compile --json "$json_dir/cpu_amx_bf16_compiled.json" || status=1
+    fi
 else
     echo "CPU AMX step skipped: this host's CPU has no AMX"
 fi
