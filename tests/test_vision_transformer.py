@@ -61,7 +61,8 @@ def test_released_checkpoint_layout_loads_strictly():
     assert torch.equal(model.blocks[3].attn.qkv.weight, released["blocks.3.attn.qkv.weight"])
 
 
-@pytest.mark.filterwarnings("ignore:.*weight_norm. is deprecated:FutureWarning")  # the reference's layer, compared on purpose
+# the reference's (deprecated) layer, compared on purpose
+@pytest.mark.filterwarnings("ignore:.*weight_norm. is deprecated:FutureWarning")
 def test_weight_norm_linear_equals_torch_weight_norm():
     torch.manual_seed(0)
     ours = vits.WeightNormLinear(16, 32)
