@@ -25,7 +25,8 @@
     Same initial weights, crops and batch; A and B alternate (A, B, A, B, ...), medians reported.
 --what data: images/s of one process (one core, no DataLoader) turning JPEG files into the multi-crop views:
     the reference's augmentation, the same inside the seeding wrapper main_dino.MultiCropDataset, and the
-    --use_color_jitter_opti fast path (unwrapped and wrapped).
+    --use_color_jitter_opti fast path (unwrapped and wrapped); then both wrapped pipelines as the workers of a
+    GPU or NPU run them, handing over uint8 crops that the device normalizes.
 """
 import argparse
 import copy
@@ -543,10 +544,10 @@ def bench_data(args):
 
 
 def _bench_data(args, paths):
-    def augmentation(fast):
+    def augmentation(fast, normalize=True):
         return main_dino.DataAugmentationDINO((0.4, 1.), (0.05, 0.4), args.local_crops_number, fast,
                                               global_crop_size=args.global_crop_size,
-                                              local_crop_size=args.local_crop_size)
+                                              local_crop_size=args.local_crop_size, normalize=normalize)
     samples = [(p, 0) for p in paths]
 
     def unwrapped(aug):
@@ -567,6 +568,9 @@ def _bench_data(args, paths):
         ("faithful (MultiCropDataset)", wrapped(augmentation(False))),
         ("fast", unwrapped(augmentation(True))),
         ("fast (MultiCropDataset)", wrapped(augmentation(True))),
+        # what a GPU's or NPU's workers make: uint8 crops, normalized on the device (utils.normalize_uint8_crops)
+        ("faithful, uint8 (MultiCropDataset)", wrapped(augmentation(False, normalize=False))),
+        ("fast, uint8 (MultiCropDataset)", wrapped(augmentation(True, normalize=False))),
     ]
     print(f"data: {len(paths)} JPEG files, 2x{args.global_crop_size} + {args.local_crops_number}x"
           f"{args.local_crop_size} crops, one process, 1 torch thread, {args.data_images} images per pipeline "
@@ -596,7 +600,7 @@ def _bench_data(args, paths):
         c, w = median(cpu[name]), median(wall[name])
         paired = median([x / y for x, y in zip(cpu[name], cpu["reference"])])
         summary[name] = {"img_s_cpu": c, "img_s_wall": w, "vs_reference_cpu": paired, "img_s_cpu_rounds": cpu[name]}
-        print(f"  {name:28s} {c:7.1f} img/s per CPU-second ({w:.1f} wall-clock), {paired:.2f}x reference "
+        print(f"  {name:34s} {c:7.1f} img/s per CPU-second ({w:.1f} wall-clock), {paired:.2f}x reference "
               f"(median of per-round ratios)")
     return summary
 

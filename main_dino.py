@@ -220,15 +220,18 @@ def validate_args(args):
 class DataAugmentationDINO(object):
     """Two global views and `local_crops_number` local views of one PIL image, as the reference."""
     def __init__(self, global_crops_scale, local_crops_scale, local_crops_number, use_color_jitter_opti=False,
-                 global_crop_size=224, local_crop_size=96):
+                 global_crop_size=224, local_crop_size=96, normalize=True):
+        # normalize=False: uint8 crops, for utils.normalize_uint8_crops on the accelerator (the same numbers)
         self.local_crops_number = local_crops_number
         self.fast = use_color_jitter_opti
         if self.fast:
             # README, "Fast paths": the same views and random draws, computed on arrays
-            self.global_transfo1 = utils.FastCropTransform(global_crop_size, global_crops_scale, blur_p=1.0)
+            self.global_transfo1 = utils.FastCropTransform(global_crop_size, global_crops_scale, blur_p=1.0,
+                                                           normalize=normalize)
             self.global_transfo2 = utils.FastCropTransform(global_crop_size, global_crops_scale, blur_p=0.1,
-                                                           solarize_p=0.2)
-            self.local_transfo = utils.FastCropTransform(local_crop_size, local_crops_scale, blur_p=0.5)
+                                                           solarize_p=0.2, normalize=normalize)
+            self.local_transfo = utils.FastCropTransform(local_crop_size, local_crops_scale, blur_p=0.5,
+                                                         normalize=normalize)
             return
         jitter = transforms.ColorJitter(brightness=0.4, contrast=0.4, saturation=0.2, hue=0.1)
         flip_and_color_jitter = transforms.Compose([
@@ -238,8 +241,8 @@ class DataAugmentationDINO(object):
         ])
         normalize = transforms.Compose([
             transforms.ToTensor(),
-            transforms.Normalize((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),
-        ])
+            transforms.Normalize(utils._IMAGENET_MEAN, utils._IMAGENET_STD),
+        ]) if normalize else transforms.PILToTensor()
         bicubic = transforms.InterpolationMode.BICUBIC
 
         self.global_transfo1 = transforms.Compose([
@@ -436,7 +439,7 @@ def build_data(args, accel):
                         f"({args.batch_size_per_gpu} per device x {args.world_size} devices)")
     transform = DataAugmentationDINO(args.global_crops_scale, args.local_crops_scale, args.local_crops_number,
                                      args.use_color_jitter_opti, global_crop_size=args.global_crop_size,
-                                     local_crop_size=args.local_crop_size)
+                                     local_crop_size=args.local_crop_size, normalize=not accel.normalizes_crops)
     dataset = MultiCropDataset(folder.samples, transform, seed=args.seed)
     sampler = EpochSampler(len(dataset), num_replicas=args.world_size, rank=args.rank, shuffle=True,
                            seed=args.seed)
@@ -765,7 +768,7 @@ class Trainer(object):
             if failed:
                 self.report_bad_images(failed)
 
-            images = [self.accel.to(im) for im in images]
+            images = utils.normalize_uint8_crops([self.accel.to(im) for im in images])
             if self.graphs_pending:
                 self.graphs_pending = False
                 self.check_graphed_crops(images)

@@ -138,6 +138,26 @@ class Solarization(object):
 _LUMA_WEIGHTS = (19595.0, 38470.0, 7471.0)
 _IMAGENET_MEAN = (0.485, 0.456, 0.406)
 _IMAGENET_STD = (0.229, 0.224, 0.225)
+_NORMALIZE_CONSTANTS = {}  # (device, mean, std) -> tensors, so that no step copies them to the device again
+
+
+def normalize_uint8_crops(crops, mean=_IMAGENET_MEAN, std=_IMAGENET_STD):
+    """torchvision's ToTensor and Normalize on (N, 3, H, W) uint8 crops, on whatever device they are: the same
+    float32 operations in the same order (divide by 255, subtract the mean, divide by the std), so the result is
+    what the loader's workers would have made. Float crops are returned unchanged."""
+    out = []
+    for crop in crops:
+        if crop.dtype != torch.uint8:
+            out.append(crop)
+            continue
+        key = (crop.device, mean, std)
+        if key not in _NORMALIZE_CONSTANTS:
+            # 255 as a tensor: CUDA turns division by a host scalar into a product with its reciprocal
+            _NORMALIZE_CONSTANTS[key] = tuple(torch.tensor(v, dtype=torch.float32).view(-1, 1, 1).to(crop.device)
+                                              for v in ((255.0,), mean, std))
+        scale, mean_t, std_t = _NORMALIZE_CONSTANTS[key]
+        out.append(crop.to(torch.float32).div_(scale).sub_(mean_t).div_(std_t))
+    return out
 
 
 def _pil_luma(x):
@@ -422,19 +442,21 @@ class FastCropTransform(object):
     Same random draws, in the same order, as the reference's torchvision/PIL composition, so a seeded view
     has the same crop box and parameters; the image work runs on uint8 tensors and float32 arrays:
     torch's antialiased bicubic resize on uint8 (PIL's kernel), FastColorJitter's arithmetic, PIL's box
-    blur as one separable kernel. Returns the normalized (3, size, size) float32 tensor.
+    blur as one separable kernel. Returns the normalized (3, size, size) float32 tensor, or with normalize=False
+    the (3, size, size) uint8 crop before normalization (utils.normalize_uint8_crops).
     """
     def __init__(self, size, scale, blur_p, solarize_p=0.0, jitter_p=0.8, grayscale_p=0.2, flip_p=0.5,
                  ratio=(3. / 4., 4. / 3.), blur_radius=(0.1, 2.0),
-                 mean=_IMAGENET_MEAN, std=_IMAGENET_STD):
+                 mean=_IMAGENET_MEAN, std=_IMAGENET_STD, normalize=True):
         self.size = (size, size)
+        self.normalize = normalize
         self.scale, self.ratio = scale, ratio
         self.blur_p, self.blur_radius = blur_p, blur_radius
         self.solarize_p, self.jitter_p, self.grayscale_p, self.flip_p = solarize_p, jitter_p, grayscale_p, flip_p
         self.jitter = FastColorJitter(brightness=0.4, contrast=0.4, saturation=0.2, hue=0.1)
-        std = np.asarray(std, dtype=np.float64)
-        self.norm_scale = (1.0 / (255.0 * std)).astype(np.float32).reshape(3, 1, 1)
-        self.norm_shift = (-np.asarray(mean, dtype=np.float64) / std).astype(np.float32).reshape(3, 1, 1)
+        # torchvision's float32 constants, used as ToTensor and Normalize use them (normalize_uint8_crops too)
+        self.mean = np.asarray(mean, dtype=np.float32).reshape(3, 1, 1)
+        self.std = np.asarray(std, dtype=np.float32).reshape(3, 1, 1)
 
     def _resized_crop(self, chw):
         top, left, height, width = transforms.RandomResizedCrop.get_params(chw, self.scale, self.ratio)
@@ -461,8 +483,11 @@ class FastCropTransform(object):
             _pil_gaussian_blur_(x, random.uniform(*self.blur_radius))
         if self.solarize_p and random.random() < self.solarize_p:
             np.subtract(np.float32(255.0), x, out=x, where=x >= 128.0)
-        x *= self.norm_scale
-        x += self.norm_shift
+        if not self.normalize:  # every step above leaves whole numbers 0..255
+            return torch.from_numpy(x.astype(np.uint8))
+        x /= np.float32(255.0)
+        x -= self.mean
+        x /= self.std
         return torch.from_numpy(x)
 
 
@@ -854,6 +879,13 @@ class Accelerator(object):
 
     @property
     def pin_memory(self):
+        return self.kind != "cpu"
+
+    @property
+    def normalizes_crops(self):
+        """Whether the loader hands over uint8 crops for normalize_uint8_crops to finish here: a quarter of the
+        bytes through the workers' shared memory, the pinned copy and the host-to-device copy. On CPUs the
+        workers normalize (the main process would otherwise do their work)."""
         return self.kind != "cpu"
 
     @property

@@ -532,7 +532,8 @@ def test_benchmark_script_reports_both_sides(photos_dir, tmp_path):
         table = proc.stdout.split(f"profile of one step of {side} ")[1]
         assert "Self CPU" in table and "aten::" in table
     assert data["what"] == "data" and sorted(data["files"]) == ["astronaut.jpg", "chelsea.jpg", "coffee.jpg"]
-    for name in ("reference", "faithful (MultiCropDataset)", "fast", "fast (MultiCropDataset)"):
+    for name in ("reference", "faithful (MultiCropDataset)", "fast", "fast (MultiCropDataset)",
+                 "faithful, uint8 (MultiCropDataset)", "fast, uint8 (MultiCropDataset)"):
         assert data[name]["img_s_cpu"] > 0
 
 

@@ -67,6 +67,53 @@ def test_per_sample_seeding_is_independent_of_call_order(photos_dir):
     assert not all(torch.equal(a, b) for a, b in zip(first, other_epoch))
 
 
+@pytest.mark.parametrize("fast", [False, True])
+def test_uint8_crops_normalized_on_the_device_equal_the_workers_crops(photos_dir, fast):
+    """normalize=False (an accelerator's loader): uint8 crops, a quarter of the bytes, which
+    utils.normalize_uint8_crops turns into the float crops the workers would have made, to the bit."""
+    samples = [(os.path.join(photos_dir, name), 0) for name in ("astronaut.jpg", "chelsea.jpg", "coffee.jpg")]
+    datasets = [main_dino.MultiCropDataset(samples, main_dino.DataAugmentationDINO(
+        (0.4, 1.), (0.05, 0.4), 3, fast, global_crop_size=64, local_crop_size=32, normalize=normalize), seed=7)
+        for normalize in (True, False)]
+    for key in [(0, 0), (0, 1), (1, 2), (2, 0)]:
+        floats, uint8 = (main_dino.collate_crops([ds[key]])[0] for ds in datasets)
+        assert all(c.dtype == torch.uint8 for c in uint8)
+        assert [c.shape for c in uint8] == [c.shape for c in floats]
+        normalized = utils.normalize_uint8_crops(uint8)
+        assert all(torch.equal(a, b) for a, b in zip(normalized, floats)), key
+    assert utils.normalize_uint8_crops(floats) == floats  # float crops pass through
+
+
+def test_only_accelerators_take_uint8_crops():
+    kinds = {}
+    for kind in ("cpu", "cuda", "npu"):
+        accel = utils.Accelerator.__new__(utils.Accelerator)  # no device needed to ask the policy
+        accel.kind = kind
+        kinds[kind] = accel.normalizes_crops
+    assert kinds == {"cpu": False, "cuda": True, "npu": True}
+
+
+@pytest.mark.parametrize("fast", [False, True])
+def test_trainer_with_uint8_crops_trains_as_with_float_crops(digits_root, tmp_path, monkeypatch, fast):
+    """The trainer's loader hands over uint8 crops where the accelerator normalizes them (forced here on a CPU):
+    the same teacher after two steps as with the workers normalizing."""
+    from helpers import TINY_TRAIN_ARGS
+
+    def train(out, uint8):
+        monkeypatch.setattr(utils.Accelerator, "normalizes_crops", property(lambda self: uint8))
+        out.mkdir()
+        args = main_dino.get_args_parser().parse_args(
+            TINY_TRAIN_ARGS + ["--data_path", digits_root, "--num_steps", "2", "--output_dir", str(out)]
+            + (["--use_color_jitter_opti"] if fast else []))
+        trainer = main_dino.Trainer(args)
+        crops = next(iter(trainer.loader))[0]
+        assert {c.dtype for c in crops} == {torch.uint8 if uint8 else torch.float32}
+        trainer.train()
+        return trainer.teacher.state_dict()
+    floats, uint8 = train(tmp_path / "float", False), train(tmp_path / "uint8", True)
+    assert all(torch.equal(floats[k], uint8[k]) for k in floats)
+
+
 def test_epoch_sampler_matches_distributed_sampler_and_resumes_mid_epoch():
     dataset = list(range(23))
     for rank in range(3):
