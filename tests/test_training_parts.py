@@ -84,6 +84,16 @@ def test_uint8_crops_normalized_on_the_device_equal_the_workers_crops(photos_dir
     assert utils.normalize_uint8_crops(floats) == floats  # float crops pass through
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs an NVIDIA GPU")
+def test_uint8_crops_normalized_on_a_gpu_equal_the_cpus():
+    """The device's division and subtraction round as the CPU's (test/benchmark_gpu.sh runs this on a GPU)."""
+    g = torch.Generator().manual_seed(0)
+    crops = [torch.randint(0, 256, (4, 3, s, s), generator=g, dtype=torch.uint8) for s in (64, 64, 32)]
+    on_cpu = utils.normalize_uint8_crops(crops)
+    on_gpu = utils.normalize_uint8_crops([c.cuda() for c in crops])
+    assert all(torch.equal(a, b.cpu()) for a, b in zip(on_cpu, on_gpu))
+
+
 def test_only_accelerators_take_uint8_crops():
     kinds = {}
     for kind in ("cpu", "cuda", "npu"):
