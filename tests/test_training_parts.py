@@ -90,7 +90,7 @@ def test_uint8_crops_normalized_on_a_gpu_equal_the_cpus():
     g = torch.Generator().manual_seed(0)
     crops = [torch.randint(0, 256, (4, 3, s, s), generator=g, dtype=torch.uint8) for s in (64, 64, 32)]
     on_cpu = utils.normalize_uint8_crops(crops)
-    on_gpu = utils.normalize_uint8_crops([c.cuda() for c in crops])
+    on_gpu = utils.normalize_uint8_crops([c.to("cuda") for c in crops])
     assert all(torch.equal(a, b.cpu()) for a, b in zip(on_cpu, on_gpu))
 
 
