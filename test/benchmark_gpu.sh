@@ -1,7 +1,8 @@
 #!/bin/bash
 # The GPU measurement of BENCHMARKS.md in one go (about 6 minutes on one H100), most important first:
 #   1. the CUDA-graph tests of tests/test_cuda_graphs.py (the real capture: graphed steps train as eager ones;
-#      main_dino.py --cuda_graph runs and resumes) and the GPU's crop normalization, when pytest is installed;
+#      main_dino.py --cuda_graph runs and resumes) and the GPU's uint8 crops (normalization, a short
+#      training on real images), when pytest is installed;
 #   2. benchmark.py, ViT-S/16 recipe, batch 64, synthetic crops: A (the reference's fp16 step) against
 #      B (this package, fp16) and G (B with the backbones replayed as CUDA graphs), with a profile of one step
 #      of each side (25 costliest kernels);
@@ -62,7 +63,8 @@ finish() {
 }
 if "$PYTHON" -c "import pytest" 2>/dev/null; then
     timed graph_tests 150 "$PYTHON" -m pytest -q -p no:cacheprovider tests/test_cuda_graphs.py \
-        tests/test_training_parts.py::test_uint8_crops_normalized_on_a_gpu_equal_the_cpus || status=1
+        tests/test_training_parts.py::test_uint8_crops_normalized_on_a_gpu_equal_the_cpus \
+        tests/test_training_parts.py::test_trainer_on_images_on_a_gpu_takes_pinned_uint8_crops || status=1
 else
     echo "CUDA-graph tests skipped: $PYTHON has no pytest" | tee "$out_dir/graph_tests.log"
 fi

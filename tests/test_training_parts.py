@@ -94,6 +94,25 @@ def test_uint8_crops_normalized_on_a_gpu_equal_the_cpus():
     assert all(torch.equal(a, b.cpu()) for a, b in zip(on_cpu, on_gpu))
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs an NVIDIA GPU")
+def test_trainer_on_images_on_a_gpu_takes_pinned_uint8_crops(digits_root, tmp_path):
+    """Real images through the workers to a GPU: pinned uint8 batches, normalized there, and training moves the
+    teacher (test/benchmark_gpu.sh runs this on a GPU)."""
+    from helpers import TINY_TRAIN_ARGS
+    args = [a for a in TINY_TRAIN_ARGS if a not in ("--device", "cpu", "--num_workers", "0")]
+    args = main_dino.get_args_parser().parse_args(args + [
+        "--device", "cuda", "--num_workers", "2", "--data_path", digits_root, "--num_steps", "3",
+        "--output_dir", str(tmp_path)])
+    trainer = main_dino.Trainer(args)
+    crops = next(iter(trainer.loader))[0]
+    assert all(c.dtype == torch.uint8 and c.is_pinned() for c in crops)
+    before = {k: v.clone() for k, v in trainer.teacher.state_dict().items()}
+    trainer.train()
+    after = trainer.teacher.state_dict()
+    assert any(not torch.equal(before[k], after[k]) for k in before)
+    assert all(torch.isfinite(v).all() for v in after.values())
+
+
 def test_only_accelerators_take_uint8_crops():
     kinds = {}
     for kind in ("cpu", "cuda", "npu"):
