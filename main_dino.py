@@ -29,6 +29,7 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 from PIL import Image
+from torch.utils.data.dataloader import default_collate  # this path also exists in the older torch of Ascend stacks
 from torchvision import datasets, transforms
 from torchvision import models as torchvision_models
 
@@ -344,7 +345,8 @@ class MultiCropDataset(torch.utils.data.Dataset):
 
 def collate_crops(batch):
     n_crops = len(batch[0][0])
-    crops = [torch.stack([sample[0][i] for sample in batch]) for i in range(n_crops)]
+    # default_collate stacks straight into shared memory inside a worker, saving a copy of every batch
+    crops = [default_collate([sample[0][i] for sample in batch]) for i in range(n_crops)]
     labels = torch.tensor([sample[1] for sample in batch])
     failed = [f for sample in batch for f in sample[2]]
     return crops, labels, failed
