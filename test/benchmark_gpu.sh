@@ -8,6 +8,8 @@
 #      of each side (25 costliest kernels);
 #   3. the same with --amp (B and G in bf16);
 #   4. a 40-step main_dino.py --synthetic run with --amp --cuda_graph, to check the trainer end to end;
+#   4b. with 120 s to spare, 100 steps of main_dino.py on real JPEGs (the loader's workers included), with the
+#      default and the --use_color_jitter_opti pipeline;
 #   5. when the host CPU has AMX: the CPU step of BENCHMARKS.md with --amp (bf16 on AMX) on 2 threads,
 #      the issue's AMX target, which the development machines cannot measure; with 150 s of the budget left,
 #      again with side C (compiled blocks).
@@ -43,10 +45,11 @@ timed() {
     local name=$1 cap=$2; shift 2
     local left=$(( budget - SECONDS ))
     local limit=$(( cap < left ? cap : left ))
-    if [ "$limit" -lt 20 ]; then echo "$name skipped: ${left} s left" | tee "$out_dir/$name.log"; return 1; fi
+    if [ "$limit" -lt 20 ]; then echo "$name skipped: ${left} s left" | tee "$logs_to/$name.log"; return 1; fi
     echo "== $name (limit ${limit} s, $(( SECONDS )) s elapsed)"
-    timeout "$limit" "$@" 2>&1 | tee "$out_dir/$name.log"
+    timeout "$limit" "$@" 2>&1 | tee "$logs_to/$name.log"
 }
+logs_to=$out_dir
 
 status=0
 common=(--what step --device cuda --arch vit_small --patch_size 16 --batch_size 64 --steps 10 --rounds 7
@@ -55,6 +58,9 @@ common=(--what step --device cuda --arch vit_small --patch_size 16 --batch_size 
 finish() {
     grep -h -e "speed-up" -e "median" -e "MFU" "$out_dir"/step_*.log "$out_dir"/cpu_*.log 2>/dev/null
     grep -h "Training throughput" "$out_dir/train.log" 2>/dev/null
+    for log in "$json_dir"/train_jpeg_*.log; do  # the last logged step time: a mean over 20 steps, so it
+        [ -f "$log" ] && echo "$(basename "$log"): $(grep "time:" "$log" | tail -n 1)"  # is past the prefetch
+    done
     tail -n 1 "$out_dir/graph_tests.log" 2>/dev/null
     tar -cf "$out_dir/json.tar" -C "$json_dir" . 2>/dev/null
     rm -rf "$json_dir"
@@ -78,6 +84,37 @@ amx_cores=$(grep -c -w amx_bf16 /proc/cpuinfo 2>/dev/null)
 if [ "${amx_cores:-0}" -gt 0 ]; then
     timed cpu_amx_bf16 80 "$PYTHON" benchmark.py --what step --device cpu --threads 2 --batch_size 4 --steps 1 \
         --rounds 5 --warmup 1 --amp --json "$json_dir/cpu_amx_bf16.json" || status=1
+fi
+# Real JPEGs through the loader's workers (uint8 crops, normalized on the GPU), as the seed's figures were taken:
+# 6400 links to scikit-image's three photos, 100 steps of 64, default and --use_color_jitter_opti pipelines.
+# Their logs travel in json.tar (the folder's file count is capped).
+if [ $(( budget - SECONDS )) -ge 120 ] && "$PYTHON" -c "import skimage" 2>/dev/null; then
+    jpeg_dir=${TMPDIR:-/tmp}/dino_jpegs
+    "$PYTHON" - "$jpeg_dir" <<'PY'
+import os, sys
+import benchmark
+root = sys.argv[1]
+os.makedirs(os.path.join(root, "photos"), exist_ok=True)
+photos = benchmark.write_photos(os.path.join(root, "photos"))
+for i in range(6400):
+    folder = os.path.join(root, "train", f"class{i % 8}")
+    os.makedirs(folder, exist_ok=True)
+    target = os.path.join(folder, f"{i:05d}.jpg")
+    if not os.path.exists(target):
+        os.link(photos[i % len(photos)], target)
+PY
+    logs_to=$json_dir
+    workers=$(( $(nproc) > 3 ? $(nproc) - 2 : 1 ))
+    for pipeline in default fast; do
+        extra=(); [ $pipeline = fast ] && extra=(--use_color_jitter_opti)
+        timed "train_jpeg_$pipeline" 60 "$PYTHON" main_dino.py --data_path "$jpeg_dir" --device cuda \
+            --arch vit_small --patch_size 16 --batch_size 64 --amp --epochs 1 --warmup_epochs 0 --num_steps 100 \
+            --num_workers "$workers" ${extra[@]+"${extra[@]}"} \
+            --output_dir "${TMPDIR:-/tmp}/dino_jpeg_$pipeline" || status=1
+    done
+    logs_to=$out_dir
+fi
+if [ "${amx_cores:-0}" -gt 0 ]; then
     # with time to spare, the same with side C: where AMX makes the matrix products cheap, the fused
     # elementwise work of the compiled blocks weighs more (compiling takes about a minute on 2 threads)
     if [ $(( budget - SECONDS )) -ge 150 ]; then
