@@ -378,8 +378,7 @@ def build_sides(args, accel, mode_b):
                                  mode_b, graphed=True)
     sides = {"A": ReferenceStep(accel.to(student), accel.to(teacher), args, accel), **sides}
     g = torch.Generator().manual_seed(0)
-    sizes = [args.global_crop_size] * 2 + [args.local_crop_size] * args.local_crops_number
-    images = [accel.to(torch.randn(args.batch_size, 3, s, s, generator=g)) for s in sizes]
+    images = [accel.to(torch.randn(args.batch_size, 3, s, s, generator=g)) for s in main_dino.crop_sizes(args)]
     return sides, images
 
 

@@ -240,7 +240,7 @@ class DataAugmentationDINO(object):
             transforms.RandomApply([jitter], p=0.8),
             transforms.RandomGrayscale(p=0.2),
         ])
-        normalize = transforms.Compose([
+        to_tensor = transforms.Compose([
             transforms.ToTensor(),
             transforms.Normalize(utils._IMAGENET_MEAN, utils._IMAGENET_STD),
         ]) if normalize else transforms.PILToTensor()
@@ -250,20 +250,20 @@ class DataAugmentationDINO(object):
             transforms.RandomResizedCrop(global_crop_size, scale=global_crops_scale, interpolation=bicubic),
             flip_and_color_jitter,
             utils.GaussianBlur(1.0),
-            normalize,
+            to_tensor,
         ])
         self.global_transfo2 = transforms.Compose([
             transforms.RandomResizedCrop(global_crop_size, scale=global_crops_scale, interpolation=bicubic),
             flip_and_color_jitter,
             utils.GaussianBlur(0.1),
             utils.Solarization(0.2),
-            normalize,
+            to_tensor,
         ])
         self.local_transfo = transforms.Compose([
             transforms.RandomResizedCrop(local_crop_size, scale=local_crops_scale, interpolation=bicubic),
             flip_and_color_jitter,
             utils.GaussianBlur(p=0.5),
-            normalize,
+            to_tensor,
         ])
 
     def __call__(self, image):
@@ -343,6 +343,11 @@ class MultiCropDataset(torch.utils.data.Dataset):
             random.setstate(py_state)
 
 
+def crop_sizes(args):
+    """Side of each crop of a step, in the order the views come: two global, then the local ones."""
+    return [args.global_crop_size] * 2 + [args.local_crop_size] * args.local_crops_number
+
+
 def collate_crops(batch):
     n_crops = len(batch[0][0])
     # default_collate stacks straight into shared memory inside a worker, saving a copy of every batch
@@ -393,8 +398,7 @@ class SyntheticLoader(object):
     def __init__(self, args, accel):
         g = torch.Generator().manual_seed(args.seed)
         b = args.batch_size_per_gpu
-        sizes = [args.global_crop_size] * 2 + [args.local_crop_size] * args.local_crops_number
-        self.crops = [accel.to(torch.randn(b, 3, s, s, generator=g)) for s in sizes]
+        self.crops = [accel.to(torch.randn(b, 3, s, s, generator=g)) for s in crop_sizes(args)]
         self.labels = torch.zeros(b, dtype=torch.long)
         # ImageNet-sized epochs, so that the schedules behave as in a real run
         self.steps = max(self.IMAGENET_TRAIN_IMAGES // (b * args.world_size), 1)
@@ -696,8 +700,7 @@ class Trainer(object):
 
     def step_crop_shapes(self):
         args = self.args
-        sizes = [args.global_crop_size] * 2 + [args.local_crop_size] * args.local_crops_number
-        return [(args.batch_size_per_gpu, 3, size, size) for size in sizes]
+        return [(args.batch_size_per_gpu, 3, size, size) for size in crop_sizes(args)]
 
     def capture_graphs(self):
         """--cuda_graph: the backbones' calls of a step, in the order the step makes them, as CUDA graphs.
