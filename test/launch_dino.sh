@@ -4,8 +4,8 @@
 #   bash test/launch_dino.sh perf|full DEFAULT_NPROC [--data_path=PATH] [--nproc=N] [--flag=value ...]
 #
 # Any other --flag=value (or --flag value) goes to main_dino.py and overrides the defaults below; eval-only
-# flags (--nb_knn, --temperature, --use_cuda, --crop_size, --resize_size, --eval_batch_size) go to
-# eval_knn.py; --arch, --patch_size, --device, --num_workers, --bin, --dist_timeout go to both.
+# flags (--nb_knn, --temperature, --use_cuda, --checkpoint_key, --dump_features, --load_features, --crop_size,
+# --resize_size, --eval_batch_size) go to eval_knn.py; --arch, --patch_size, --device, --num_workers, --bin, --dist_timeout go to both.
 # --nproc=N sets the number of processes; --dry_run prints the commands without running them.
 set -u
 
@@ -84,7 +84,7 @@ if [[ -n $data_path ]]; then
     [[ -d $data_path ]] || fail "para \"data_path\": no such folder: $data_path"
     data_path=$(cd "$launch_dir" && cd "$data_path" && pwd)
 elif [[ $mode == full ]]; then
-    echo "[Error] para \"data_path\" must be config: --data_path=/path/to/dataset (with train/ and val/)"
+    echo "[Error] para \"data_path\" must be given: --data_path=/path/to/dataset (with train/ and val/)"
     exit 1
 fi
 if [[ $mode == full ]]; then
@@ -96,7 +96,9 @@ fi
 
 # ---- environment ----
 if [[ ${etp_running_flag:-} != true && -d ${ASCEND_HOME:-/usr/local/Ascend} ]]; then
+    set +u  # CANN's set_env.sh expands PYTHONPATH and LD_LIBRARY_PATH without defaults
     source "$test_path_dir/env_npu.sh"
+    set -u
 fi
 cd "$root_dir" || exit 1
 
@@ -138,7 +140,7 @@ set_opt output_dir "$output_dir"
 eval_only=" nb_knn temperature use_cuda checkpoint_key dump_features load_features crop_size resize_size \
 eval_batch_size "
 shared=" arch patch_size device num_workers bin dist_timeout "
-switches=" amp synthetic use_color_jitter_opti "
+switches=" amp compile cuda_graph synthetic use_color_jitter_opti "
 
 append_flag() {  # array-name flag-name values(joined by SEP)
     local -n target=$1

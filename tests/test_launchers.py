@@ -30,9 +30,10 @@ def package(tmp_path):
     return root
 
 
-def run_script(script, *args, cwd, timeout=300):
-    env = dict(os.environ, PYTHON=sys.executable, OMP_NUM_THREADS="2")
-    env.pop("ASCEND_DEVICE_ID", None)
+def run_script(script, *args, cwd, timeout=300, env_extra=None, env_drop=()):
+    env = dict(os.environ, PYTHON=sys.executable, OMP_NUM_THREADS="2", **(env_extra or {}))
+    for name in ("ASCEND_DEVICE_ID",) + tuple(env_drop):
+        env.pop(name, None)
     return subprocess.run(["bash", script] + [str(a) for a in args], cwd=str(cwd), env=env,
                           capture_output=True, text=True, timeout=timeout)
 
@@ -48,9 +49,9 @@ def read_summary(path):
     return {k: v for k, v in pairs}
 
 
-def dry_run(package, script, *args, cwd=None):
+def dry_run(package, script, *args, cwd=None, **env):
     result = run_script(os.path.join("test", script) if cwd is None else script, "--dry_run", *args,
-                        cwd=cwd or package, timeout=60)
+                        cwd=cwd or package, timeout=60, **env)
     assert result.returncode == 0, result.stdout + result.stderr
     lines = dict(line.split(": ", 1) for line in result.stdout.splitlines() if ": " in line)
     return lines["train"].split(), lines.get("eval", "").split(), int(lines["processes"])
@@ -102,8 +103,34 @@ def test_arguments_reach_the_right_script(package, tmp_path):
     assert not (package / "test" / "output").exists()  # a dry run writes nothing
 
 
+def test_every_switch_of_main_dino_takes_true_or_false(package):
+    """`--name=false` drops a switch and `--name=true` sets it, for each store_true flag of main_dino.py."""
+    sys.path.insert(0, ROOT)
+    import main_dino
+    switches = sorted(a.dest for a in main_dino.get_args_parser()._actions
+                      if a.nargs == 0 and a.const is True and a.dest != "help")
+    assert {"amp", "compile", "synthetic"} <= set(switches)
+    train, _, _ = dry_run(package, "train_performance_1p.sh", *[f"--{name}=false" for name in switches])
+    assert not [name for name in switches if f"--{name}" in train]
+    train, _, _ = dry_run(package, "train_performance_1p.sh", *[f"--{name}=true" for name in switches])
+    assert [name for name in switches if train.count(f"--{name}") != 1] == []
+    assert "true" not in train
+
+
+def test_ascend_environment_script_runs_under_the_launchers_strict_mode(package, tmp_path):
+    """CANN's set_env.sh expands PYTHONPATH and LD_LIBRARY_PATH without defaults; the launcher runs with
+    `set -u`, and must still get through it when they are unset."""
+    toolkit = tmp_path / "Ascend" / "ascend-toolkit"
+    toolkit.mkdir(parents=True)
+    (toolkit / "set_env.sh").write_text("export PYTHONPATH=/opt/cann/python:$PYTHONPATH\n"
+                                        "export LD_LIBRARY_PATH=/opt/cann/lib64:$LD_LIBRARY_PATH\n")
+    train, _, _ = dry_run(package, "train_performance_1p.sh", env_extra={"ASCEND_HOME": str(tmp_path / "Ascend")},
+                          env_drop=("PYTHONPATH", "LD_LIBRARY_PATH", "etp_running_flag"))
+    assert "main_dino.py" in train
+
+
 @pytest.mark.parametrize("args,message", [
-    ([], 'para "data_path" must be config'),
+    ([], 'para "data_path" must be given'),
     (["--data_path=/no/such/folder"], "/no/such/folder"),
     (["--data_path={train}"], "no train/ folder"),
     (["--data_path={data}", "--nproc=zero"], "nproc"),
