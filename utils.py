@@ -46,9 +46,25 @@ class UserError(Exception):
     """A problem with the user's input: reported as one line, without a traceback."""
 
 
+MIN_TORCH = (1, 13)  # torch.load(weights_only=True), used for every checkpoint
+
+
+def torch_version_problem(version=None):
+    """Why this torch cannot run the package (checked before any work starts), or None."""
+    version = str(torch.__version__ if version is None else version)
+    match = re.match(r"(\d+)\.(\d+)", version)
+    if match and tuple(int(x) for x in match.groups()) < MIN_TORCH:
+        return (f"this package needs torch >= {MIN_TORCH[0]}.{MIN_TORCH[1]} (checkpoints are read with "
+                f"weights_only=True); this is torch {version}")
+    return None
+
+
 def run_cli(main, *args):
     """Runs `main`, turning UserError (and Ctrl-C) into a one-line message and exit code."""
     try:
+        problem = torch_version_problem()
+        if problem:
+            raise UserError(problem)
         return main(*args)
     except UserError as err:
         prog = os.path.basename(sys.argv[0]) if sys.argv and sys.argv[0] else "dino"
@@ -850,6 +866,15 @@ def resolve_device_kind(requested, has_npu, has_cuda):
     return requested
 
 
+def check_device_index(kind, local_rank, count):
+    """One process per device: a launcher that starts more processes than this machine has devices fails
+    here, with the numbers, instead of in set_device."""
+    if kind != "cpu" and local_rank >= count:
+        raise UserError(f"process {local_rank} on this machine has no {kind} device of its own: {count} visible; "
+                        f"start at most {count} processes per machine (torchrun --nproc_per_node, the "
+                        f"launchers' --nproc)")
+
+
 class Accelerator(object):
     """The device a process computes on, and how to move things there."""
     def __init__(self, kind, index=0):
@@ -871,6 +896,8 @@ class Accelerator(object):
             has_npu = npu_available() if requested == "npu" else False
             has_cuda = cuda_available() if requested == "cuda" else False
         kind = resolve_device_kind(requested, has_npu, has_cuda)
+        if kind != "cpu":
+            check_device_index(kind, local_rank, getattr(torch, kind).device_count())
         return cls(kind, local_rank if kind != "cpu" else 0)
 
     @property

@@ -245,6 +245,25 @@ def test_device_selection_refuses_missing_devices(requested, npu, cuda):
         utils.resolve_device_kind(requested, npu, cuda)
 
 
+def test_more_processes_than_devices_is_a_user_error():
+    utils.check_device_index("npu", 7, 8)
+    utils.check_device_index("cpu", 5, 0)  # CPU processes share the host
+    with pytest.raises(utils.UserError, match="process 4 on this machine has no cuda device of its own: 4 visible"):
+        utils.check_device_index("cuda", 4, 4)
+
+
+def test_old_torch_stops_before_any_work(monkeypatch, capsys):
+    assert utils.torch_version_problem("2.14.1+cu130") is None and utils.torch_version_problem("1.13.0") is None
+    assert "needs torch >= 1.13" in utils.torch_version_problem("1.11.0a0+git1d9b5e2")
+    ran = []
+    monkeypatch.setattr(utils.torch, "__version__", "1.8.1")
+    with pytest.raises(SystemExit) as exit_info:
+        utils.run_cli(ran.append, "work")
+    assert exit_info.value.code == 2 and ran == []
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "this is torch 1.8.1" in err
+
+
 @pytest.mark.parametrize("kind,amp,fp16,apex,bf16,expected", [
     ("npu", True, True, True, True, "apex_o1"), ("npu", True, False, False, True, "fp16"),
     ("npu", False, True, True, True, "fp16"), ("npu", False, False, True, True, "fp32"),
