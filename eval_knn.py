@@ -108,10 +108,13 @@ def dataset_dirs(data_path):
 
 
 class ReturnIndexDataset(datasets.ImageFolder):
-    """ImageFolder yielding (image, index, error): an unreadable file is reported, not a worker crash."""
-    def __init__(self, root, transform=None, blank_size=224):
+    """ImageFolder yielding (image, index, error): an unreadable file is reported, not a worker crash.
+
+    extract_features also takes the reference's (image, index) items, so its other datasets keep working."""
+    def __init__(self, root, transform=None, blank_size=224, **image_folder_kwargs):
+        image_folder_kwargs.setdefault("loader", load_rgb)
         try:
-            super().__init__(root, transform=transform, loader=load_rgb)
+            super().__init__(root, transform=transform, **image_folder_kwargs)
         except (FileNotFoundError, RuntimeError) as err:
             raise UserError(f"no images found in {root}: expected class sub-folders holding image files "
                             f"({str(err).splitlines()[0]})") from err
@@ -120,7 +123,8 @@ class ReturnIndexDataset(datasets.ImageFolder):
     def __getitem__(self, idx):
         path = self.samples[idx][0]
         try:
-            return self.transform(self.loader(path)), idx, ""
+            image = self.loader(path)
+            return (self.transform(image) if self.transform is not None else image), idx, ""
         except Exception as err:  # PIL raises many types for bad files
             detail = str(err).splitlines()[0] if str(err) else ""
             return self.blank, idx, f"{path} ({type(err).__name__}: {detail})"
@@ -196,7 +200,6 @@ def extract_feature_pipeline(args, accel):
     train_labels = torch.tensor([s[-1] for s in dataset_train.samples]).long()
     test_labels = torch.tensor([s[-1] for s in dataset_val.samples]).long()
     if args.dump_features and utils.is_main_process():
-        os.makedirs(args.dump_features, exist_ok=True)
         for name, tensor in zip(FEATURE_FILES, (train_features, test_features, train_labels, test_labels)):
             utils.save_atomic(tensor.cpu(), os.path.join(args.dump_features, name))
         print(f"Features and labels saved in {args.dump_features}")
@@ -218,18 +221,21 @@ def make_loader(dataset, args, accel):
 
 
 @torch.no_grad()
-def extract_features(model, data_loader, use_cuda=True, accel=None):
-    """Features of every image of the loader's dataset, on every process, in dataset order."""
+def extract_features(model, data_loader, use_cuda=True, multiscale=False, *, accel=None):
+    """Features of every image of the loader's dataset, on every process, in dataset order.
+
+    Batches are (images, indices[, read errors]); `multiscale` averages three scales (utils.multi_scale)."""
     accel = utils.Accelerator.create("auto") if accel is None else accel
     bank_device = feature_bank_device(use_cuda, accel)
     metric_logger = utils.MetricLogger(delimiter="  ")
     features = None
-    for samples, index, errors in metric_logger.log_every(data_loader, 10):
-        bad = [e for e in errors if e]
+    for samples, index, *errors in metric_logger.log_every(data_loader, 10):
+        bad = [e for e in (errors[0] if errors else ()) if e]
         if bad:
             raise UserError(f"cannot read image {bad[0]}" + (f" (and {len(bad) - 1} more in this batch)"
                                                               if len(bad) > 1 else ""))
-        feats = model(accel.to(samples)).float()
+        samples = accel.to(samples)
+        feats = (utils.multi_scale(samples, model) if multiscale else model(samples)).float()
         if features is None:
             features = torch.zeros(len(data_loader.dataset), feats.shape[-1], device=bank_device)
             print(f"Storing features into tensor of shape {features.shape}")
@@ -335,6 +341,10 @@ def load_features(folder):
                  and train_features.shape[1] == test_features.shape[1]
                  and train_labels.shape == (train_features.shape[0],)
                  and test_labels.shape == (test_features.shape[0],))
+    labels_ok = all(not t.is_floating_point() and not t.is_complex() and t.dtype != torch.bool
+                    and (t.numel() == 0 or int(t.min()) >= 0) for t in (train_labels, test_labels))
+    if not labels_ok:
+        raise UserError(f"--load_features {folder}: the labels must be class indices (integers >= 0)")
     if not shapes_ok or len(train_labels) == 0 or len(test_labels) == 0:
         raise UserError(f"--load_features {folder}: features and labels do not fit together "
                         f"(train {tuple(train_features.shape)}/{tuple(train_labels.shape)}, "
@@ -345,6 +355,8 @@ def load_features(folder):
 
 def eval_knn(args):
     validate_args(args)
+    if args.dump_features and not args.load_features:
+        utils.make_output_dir(args.dump_features, "--dump_features")  # before hours of feature extraction
     accel = utils.init_distributed_mode(args)
     try:
         accel.set_binary_mode(args.bin)

@@ -138,14 +138,6 @@ def extract_features(model, inp, n, avgpool):
     return output
 
 
-def accuracy(output, target, topk=(1,)):
-    """Top-k accuracies in percent, as tensors."""
-    maxk = max(topk)
-    pred = output.topk(maxk, 1, True, True)[1].t()
-    correct = pred.eq(target.reshape(1, -1).expand_as(pred))
-    return [correct[:k].reshape(-1).float().sum(0) * 100. / target.size(0) for k in topk]
-
-
 # ============ data ============
 
 def image_folder(root, transform):
@@ -292,7 +284,7 @@ def validate_network(val_loader, model, linear_classifier, n, avgpool, accel=Non
         output = linear_classifier(extract_features(model, inp, n, avgpool))
         loss = nn.CrossEntropyLoss()(output, target)
         topk = (1, 5) if num_labels >= 5 else (1,)
-        accs = accuracy(output, target, topk=topk)
+        accs = utils.accuracy(output, target, topk=topk)
         batch_size = inp.shape[0]
         metric_logger.meters['loss'].update(loss.item(), n=batch_size)
         metric_logger.meters['acc1'].update(accs[0].item(), n=batch_size)
@@ -333,11 +325,11 @@ def evaluate_saved_head(args, accel, model, embed_dim):
 
 def eval_linear(args):
     validate_args(args)
+    utils.make_output_dir(args.output_dir)
     accel = utils.init_distributed_mode(args)
     accel.set_binary_mode(args.bin)
     print("git:\n  {}\n".format(utils.get_sha()))
     print("\n".join("%s: %s" % (k, str(v)) for k, v in sorted(dict(vars(args)).items())))
-    Path(args.output_dir).mkdir(parents=True, exist_ok=True)
 
     model, embed_dim = build_frozen_backbone(args, accel)
     utils.fix_random_seeds(args.seed)  # the same classifier initialisation on every rank

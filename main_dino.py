@@ -937,12 +937,7 @@ class ThroughputMeter(object):
 
 def train_dino(args):
     validate_args(args)
-    try:
-        Path(args.output_dir).mkdir(parents=True, exist_ok=True)
-    except OSError as err:
-        raise UserError(f"cannot create --output_dir {args.output_dir}: {err.strerror or err}") from err
-    if not os.access(args.output_dir, os.W_OK):
-        raise UserError(f"--output_dir {args.output_dir} is not writable")
+    utils.make_output_dir(args.output_dir)
     trainer = Trainer(args)
     try:
         trainer.train()

@@ -53,18 +53,27 @@ def read_log(path):
     if not os.path.isfile(path):
         raise UserError(f"log not found: {path}")
     by_epoch = {}
-    with open(path, encoding="utf-8") as f:
-        for number, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise UserError(f"{path}, line {number} is not JSON ({err.msg}); is this a log.txt?") from err
-            if not isinstance(record, dict):
-                raise UserError(f"{path}, line {number} is not a JSON object; is this a log.txt?")
-            epoch = record.get("epoch", len(by_epoch))
-            by_epoch[epoch] = record
+    try:
+        with open(path, encoding="utf-8") as f:
+            lines = f.readlines()
+    except UnicodeDecodeError as err:
+        raise UserError(f"{path} is not a text file (a checkpoint?); is this a log.txt?") from err
+    except OSError as err:
+        raise UserError(f"cannot read {path}: {err.strerror or err}") from err
+    for number, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise UserError(f"{path}, line {number} is not JSON ({err.msg}); is this a log.txt?") from err
+        if not isinstance(record, dict):
+            raise UserError(f"{path}, line {number} is not a JSON object; is this a log.txt?")
+        epoch = record.get("epoch", len(by_epoch))
+        if isinstance(epoch, bool) or not isinstance(epoch, (int, float)) or epoch != int(epoch):
+            raise UserError(f"{path}, line {number}: \"epoch\" is {epoch!r}, not a whole number")
+        record["epoch"] = int(epoch)
+        by_epoch[int(epoch)] = record
     if not by_epoch:
         raise UserError(f"{path} holds no logged epoch yet")
     return [by_epoch[e] for e in sorted(by_epoch)]

@@ -80,6 +80,16 @@ def run_cli(main, *args):
         sys.exit(130)
 
 
+def make_output_dir(path, flag="--output_dir"):
+    """Creates an output folder before any long work, so that a bad path fails at once, in one line."""
+    try:
+        os.makedirs(path, exist_ok=True)
+    except OSError as err:
+        raise UserError(f"cannot create {flag} {path}: {err.strerror or err}") from err
+    if not os.access(path, os.W_OK):
+        raise UserError(f"{flag} {path} is not writable")
+
+
 # ---------------------------------------------------------------------------
 # Maths and model helpers
 # ---------------------------------------------------------------------------
@@ -676,6 +686,102 @@ class LARS(torch.optim.Optimizer):
                 mu = state['mu']
                 mu.mul_(g['momentum']).add_(dp)
                 p.add_(mu, alpha=-g['lr'])
+
+
+def accuracy(output, target, topk=(1,)):
+    """Top-k accuracies in percent (one tensor per k) of class scores `output` against labels `target`."""
+    maxk = max(topk)
+    pred = output.topk(maxk, 1, True, True)[1].t()
+    correct = pred.eq(target.reshape(1, -1).expand_as(pred))
+    return [correct[:k].reshape(-1).float().sum(0) * 100. / target.size(0) for k in topk]
+
+
+def multi_scale(samples, model):
+    """Features averaged over scales 1, 1/sqrt(2) and 1/2 of the images, divided by the norm of the whole
+    batch's result, as the reference's retrieval and copy-detection evaluations compute them."""
+    total = None
+    for scale in (1, 1 / 2 ** 0.5, 1 / 2):
+        inputs = samples if scale == 1 else F.interpolate(samples, scale_factor=scale, mode="bilinear",
+                                                          align_corners=False)
+        feats = model(inputs).clone()
+        total = feats if total is None else total + feats
+    total = total / 3
+    return total / total.norm()
+
+
+# ---- image retrieval metrics (revisited Oxford and Paris protocol), for the reference's eval scripts ----
+
+class PCA():
+    """PCA whitening learned from a covariance matrix: x -> diag(d^-whit) V^T (x - mean), top `dim` axes."""
+    def __init__(self, dim=256, whit=0.5):
+        self.dim = dim
+        self.whit = whit
+        self.mean = None
+
+    def train_pca(self, cov):
+        eigenvalues, eigenvectors = np.linalg.eigh(cov)
+        floor = eigenvalues.max() * 1e-5  # tiny or negative eigenvalues would blow up the whitening
+        eigenvalues = np.maximum(eigenvalues, floor)
+        total_energy = eigenvalues.sum()
+        keep = np.argsort(eigenvalues)[::-1][:self.dim]
+        eigenvalues, eigenvectors = eigenvalues[keep], eigenvectors[:, keep]
+        print("keeping %.2f %% of the energy" % (eigenvalues.sum() / total_energy * 100.0))
+        self.dvt = np.dot(np.diag(1. / eigenvalues ** self.whit), eigenvectors.T)
+
+    def apply(self, x):
+        """Rows of x (numpy array, or tensor on any device) projected; x itself is left unchanged."""
+        if isinstance(x, np.ndarray):
+            centred = x - self.mean if self.mean is not None else x
+            return np.dot(self.dvt, centred.T).T
+        if self.mean is not None:
+            x = x - torch.as_tensor(self.mean, dtype=torch.float32, device=x.device)
+        return torch.mm(torch.as_tensor(self.dvt, dtype=torch.float32, device=x.device), x.t()).t()
+
+
+def compute_ap(ranks, nres):
+    """Average precision from the zero-based ranks (ascending) of the positives, `nres` positives in all:
+    the area under the precision-recall curve by trapezoids."""
+    ranks = np.asarray(ranks, dtype=np.float64)
+    found = np.arange(len(ranks), dtype=np.float64)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        precision_before = np.where(ranks == 0, 1.0, found / ranks)
+    precision_after = (found + 1) / (ranks + 1)
+    return float(((precision_before + precision_after) / 2).sum() / nres)
+
+
+def compute_map(ranks, gnd, kappas=[]):
+    """mAP, per-query AP, mean precision at each kappa and per-query precisions.
+
+    ranks: (database size, queries) database indices in ranked order, one column per query; gnd: one dict per
+    query with 'ok' (positives) and optionally 'junk' (indices ignored: removed from the ranking). A query
+    without positives counts as nan and is left out of the means."""
+    queries = len(gnd)
+    aps = np.zeros(queries)
+    prs = np.zeros((queries, len(kappas)))
+    pr = np.zeros(len(kappas))
+    mean_ap, nonempty = 0., 0
+    for i in range(queries):
+        positives = np.array(gnd[i]['ok'])
+        if positives.shape[0] == 0:
+            aps[i] = float('nan')
+            prs[i, :] = float('nan')
+            continue
+        nonempty += 1
+        junk = np.array(gnd[i].get('junk', []))
+        order = np.asarray(ranks)[:, i]
+        pos = np.flatnonzero(np.isin(order, positives))
+        junk_pos = np.flatnonzero(np.isin(order, junk))
+        pos = pos - np.searchsorted(junk_pos, pos)  # the junk ranked before a positive does not count
+        aps[i] = compute_ap(pos, len(positives))
+        mean_ap += aps[i]
+        pos = pos + 1
+        for j, kappa in enumerate(kappas):
+            kq = min(pos.max(), kappa)
+            prs[i, j] = (pos <= kq).sum() / kq
+        pr = pr + prs[i, :]
+    mean_ap = mean_ap / nonempty if nonempty else float('nan')
+    pr = pr / nonempty if nonempty else pr * float('nan')
+    return mean_ap, aps, pr, prs
 
 
 # ---------------------------------------------------------------------------
@@ -1337,6 +1443,20 @@ def all_reduce_sum(tensor):
     if is_dist_avail_and_initialized():
         dist.all_reduce(tensor)
     return tensor
+
+
+def reduce_dict(input_dict, average=True):
+    """The reference's helper: every process gets the sum (or mean) over processes of each value."""
+    world_size = get_world_size()
+    if world_size < 2:
+        return input_dict
+    with torch.no_grad():
+        names = sorted(input_dict)
+        values = torch.stack([torch.as_tensor(input_dict[k]) for k in names])
+        reduced = all_reduce_sum(values.to(collective_device())).to(values.device)
+        if average:
+            reduced = reduced / world_size
+    return dict(zip(names, reduced))
 
 
 def setup_for_distributed(is_master):

@@ -256,6 +256,7 @@ def output_folders(images, output_dir):
 def main_visualize(args):
     validate_args(args)
     images = list_images(args.image_path)
+    utils.make_output_dir(args.output_dir)
     accel = utils.Accelerator.create(args.device)
     model = build_model(args, accel)
     for image_path, out_dir in zip(images, output_folders(images, args.output_dir)):

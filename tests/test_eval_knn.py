@@ -213,6 +213,11 @@ def error_cases(tmp_path, digits):
         for cls in classes:
             shutil.copytree(os.path.join(digits, split, cls), broken / split / cls)
     (broken / "train" / "1" / "truncated.png").write_bytes(b"\x89PNG\r\n\x1a\n not an image")
+    bad_labels = tmp_path / "bad_labels"
+    bad_labels.mkdir()
+    for name, tensor in zip(eval_knn.FEATURE_FILES, (torch.randn(4, 8), torch.randn(2, 8), torch.tensor([0, 1, -1, 0]),
+                                                     torch.tensor([0, 1]))):
+        torch.save(tensor, str(bad_labels / name))
     extra_class = tmp_path / "extra_class"
     shutil.copytree(os.path.join(digits, "val", "3"), extra_class / "val" / "3")
     shutil.copytree(os.path.join(digits, "train", "4"), extra_class / "train" / "4")
@@ -234,6 +239,7 @@ def error_cases(tmp_path, digits):
         "unreadable image": (["--random_weights", "--data_path", str(broken), "--crop_size", "16"],
                              ["cannot read image", "truncated.png"]),
         "val class not in train": (["--random_weights", "--data_path", str(extra_class)], ["lacks: 3"]),
+        "negative label": (["--load_features", str(bad_labels)], ["class indices", "bad_labels"]),
     }
 
 
@@ -256,3 +262,133 @@ def test_bad_checkpoint_from_the_command_line(tmp_path, small_digits):
     assert_one_line_error(result, "ours.pth", "vit_tiny", "shape mismatch")
 
 
+
+
+def test_unwritable_dump_folder_fails_before_extraction(tmp_path, small_digits, capsys):
+    blocker = tmp_path / "a_file"
+    blocker.write_text("")
+    with pytest.raises(SystemExit) as exit_info:
+        eval_knn.main(EVAL_ARGS + ["--random_weights", "--data_path", small_digits,
+                                   "--dump_features", str(blocker / "features")])
+    assert exit_info.value.code == 2
+    out, err = capsys.readouterr()
+    assert err.count("\n") == 1 and "cannot create --dump_features" in err and "a_file" in err
+    assert "Extracting features" not in out
+
+
+class IndexedImages(torch.utils.data.Dataset):
+    """A dataset of the reference's kind: (image, index) items."""
+    def __init__(self, images):
+        self.images = images
+
+    def __len__(self):
+        return len(self.images)
+
+    def __getitem__(self, idx):
+        return self.images[idx], idx
+
+
+def test_extract_features_keeps_the_reference_contract(small_digits):
+    """The reference's scripts call extract_features(model, loader, use_cuda, multiscale) on (image, index)
+    datasets; ReturnIndexDataset takes ImageFolder's keywords and works without a transform."""
+    import vision_transformer as vits
+    torch.manual_seed(0)
+    model = vits.vit_tiny(patch_size=8).eval()
+    images = torch.randn(5, 3, 32, 32)
+    loader = torch.utils.data.DataLoader(IndexedImages(images), batch_size=2, shuffle=False)
+    accel = utils.Accelerator("cpu")
+    with torch.no_grad():
+        plain = eval_knn.extract_features(model, loader, False, False, accel=accel)
+        assert torch.allclose(plain, model(images), atol=1e-5)
+        multiscale = eval_knn.extract_features(model, loader, False, multiscale=True, accel=accel)
+        for start in (0, 2, 4):  # multi_scale normalises each batch as a whole, as the reference
+            assert torch.allclose(multiscale[start:start + 2], utils.multi_scale(images[start:start + 2], model),
+                                  atol=1e-6)
+
+    val = os.path.join(small_digits, "val")
+    left_out = eval_knn.ReturnIndexDataset(val).samples[0][0]
+    dataset = eval_knn.ReturnIndexDataset(val, target_transform=lambda t: t + 100,
+                                          is_valid_file=lambda path: path != left_out)
+    assert dataset.samples[0][0] != left_out and len(dataset) == len(eval_knn.ReturnIndexDataset(val)) - 1
+    assert dataset.target_transform(1) == 101
+    image, index, error = dataset[3]
+    assert index == 3 and error == "" and image.mode == "RGB"  # no transform: the PIL image
+
+
+def test_multi_scale_averages_three_scales():
+    sizes = []
+    pool = torch.nn.Sequential(torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten())  # mean colour per image
+
+    def model(x):
+        sizes.append(tuple(x.shape[-2:]))
+        return pool(x)
+    samples = torch.rand(2, 3, 16, 16)
+    scaled = [samples] + [torch.nn.functional.interpolate(samples, scale_factor=s, mode="bilinear")
+                          for s in (2 ** -0.5, 0.5)]
+    want = sum(pool(x) for x in scaled) / 3
+    assert torch.allclose(utils.multi_scale(samples, model), want / want.norm(), atol=1e-6)
+    assert sizes == [(16, 16), (11, 11), (8, 8)]
+    assert torch.allclose(utils.multi_scale(samples, model), want / want.norm(), atol=1e-6)
+
+
+def trapezoid_ap(ranked_relevance, nres):
+    """AP of a ranking given as 0/1 relevance per position: trapezoids between successive recall steps."""
+    ap, hits = 0.0, 0
+    for position, relevant in enumerate(ranked_relevance):
+        if relevant:
+            before = hits / position if position else 1.0
+            hits += 1
+            ap += (before + hits / (position + 1)) / 2 / nres
+    return ap
+
+
+def test_retrieval_average_precision():
+    assert utils.compute_ap([0, 2], 2) == pytest.approx((1 + 1) / 4 + (1 / 2 + 2 / 3) / 4)
+    assert utils.compute_ap([0, 1, 2], 3) == pytest.approx(1.0)
+    assert utils.compute_ap([1], 4) == pytest.approx((0 + 1 / 2) / 2 / 4)
+
+    rng = torch.Generator().manual_seed(0)
+    database, queries = 30, 4
+    ranks = torch.stack([torch.randperm(database, generator=rng) for _ in range(queries)], dim=1).numpy()
+    gnd = [{"ok": [1, 5, 7], "junk": [2, 9]}, {"ok": [0, 3]}, {"ok": [], "junk": [4]},
+           {"ok": list(range(10, 20)), "junk": [0, 1, 2]}]
+    mean_ap, aps, pr, prs = utils.compute_map(ranks, gnd, kappas=[1, 5, 10])
+    for i, query in enumerate(gnd):
+        if not query["ok"]:
+            assert math.isnan(aps[i]) and all(math.isnan(x) for x in prs[i])
+            continue
+        kept = [d for d in ranks[:, i].tolist() if d not in query.get("junk", [])]  # junk leaves the ranking
+        relevance = [d in query["ok"] for d in kept]
+        assert aps[i] == pytest.approx(trapezoid_ap(relevance, len(query["ok"])))
+        last_hit = max(p for p, r in enumerate(relevance) if r) + 1
+        for j, kappa in enumerate([1, 5, 10]):
+            kq = min(last_hit, kappa)
+            assert prs[i, j] == pytest.approx(sum(relevance[:kq]) / kq)
+    answered = [i for i, q in enumerate(gnd) if q["ok"]]
+    assert mean_ap == pytest.approx(sum(aps[i] for i in answered) / 3)
+    assert pr == pytest.approx(prs[answered].mean(axis=0))
+
+
+def test_pca_whitening_decorrelates():
+    import numpy as np
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(500, 6)) @ rng.normal(size=(6, 6))
+    pca = utils.PCA(dim=4, whit=0.5)
+    pca.mean = x.mean(axis=0)
+    pca.train_pca(np.cov((x - pca.mean).T, bias=True))
+    projected = pca.apply(x.copy())
+    assert projected.shape == (500, 4)
+    assert np.allclose(np.cov(projected.T, bias=True), np.eye(4), atol=1e-8)  # whitened: unit covariance
+    as_tensor = torch.from_numpy(x).float()
+    assert torch.allclose(pca.apply(as_tensor), torch.from_numpy(projected).float(), atol=1e-3)
+    assert torch.equal(as_tensor, torch.from_numpy(x).float())  # the input is left unchanged
+
+
+def test_reduce_dict_sums_or_averages_over_processes(monkeypatch):
+    values = {"loss": torch.tensor(3.0), "acc": torch.tensor(0.5)}
+    assert utils.reduce_dict(values) is values  # one process: nothing to reduce
+    monkeypatch.setattr(utils, "get_world_size", lambda: 2)
+    monkeypatch.setattr(utils, "all_reduce_sum", lambda t: t * 2)  # two processes holding the same values
+    averaged = utils.reduce_dict(values)
+    assert list(averaged) == ["acc", "loss"] and averaged["loss"].item() == 3.0
+    assert utils.reduce_dict(values, average=False)["acc"].item() == 1.0

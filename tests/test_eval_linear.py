@@ -118,7 +118,7 @@ def test_features_and_accuracy():
     assert dim == 512
 
     scores = torch.tensor([[0.1, 0.9, 0.0], [0.8, 0.1, 0.1], [0.2, 0.3, 0.5], [0.4, 0.35, 0.25]])
-    top1, top2 = eval_linear.accuracy(scores, torch.tensor([1, 1, 2, 1]), topk=(1, 2))
+    top1, top2 = utils.accuracy(scores, torch.tensor([1, 1, 2, 1]), topk=(1, 2))
     assert top1.item() == pytest.approx(50.0) and top2.item() == pytest.approx(100.0)
 
 
@@ -132,13 +132,15 @@ def test_features_and_accuracy():
     (["--data_path", "{tiny}", "--evaluate"], "checkpoint not found"),
     (["--data_path", "{tiny}", "--num_labels", "3"], "smaller than the 10 classes"),
     (["--data_path", "{tiny}", "--epochs", "0"], "--epochs"),
+    (["--data_path", "{tiny}", "--output_dir", "{a_file}/out"], "cannot create --output_dir"),
 ])
 def test_bad_input_is_one_line(tiny_digits, tmp_path, capsys, args, message):
     no_val = tmp_path / "no_val"
     (no_val / "train" / "a").mkdir(parents=True)
+    (tmp_path / "a_file").write_text("")
     fast = [a for a in FAST if a != "--random_weights"] if "--no_weights" in args else FAST
-    args = [a.format(missing=tmp_path / "missing", no_val=no_val, tiny=tiny_digits) for a in args
-            if a != "--no_weights"]
+    args = [a.format(missing=tmp_path / "missing", no_val=no_val, tiny=tiny_digits, a_file=tmp_path / "a_file")
+            for a in args if a != "--no_weights"]
     with pytest.raises(SystemExit) as exit_info:
         eval_linear.main([*fast, "--output_dir", str(tmp_path / "out"), *args])
     assert exit_info.value.code == 2

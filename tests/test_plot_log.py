@@ -72,10 +72,15 @@ def test_default_output_is_next_to_the_log(tmp_path):
     ('{"train_loss": 1.0, "epoch": 0}\nTraceback (most recent call last):\n', "line 2 is not JSON"),
     ("[1, 2]\n", "line 1 is not a JSON object"),
     ('{"epoch": 0, "note": "x"}\n', "no curve to plot"),
+    ('{"epoch": "1", "train_loss": 1.0}\n{"epoch": 2, "train_loss": 0.5}\n', "line 1: \"epoch\" is '1'"),
+    ('{"epoch": [1], "train_loss": 1.0}\n', "not a whole number"),
+    (b"PK\x03\x04\xff\xfe\x80 binary checkpoint bytes", "not a text file"),
 ])
 def test_bad_logs_are_one_line(tmp_path, capsys, content, message):
     log = tmp_path / "log.txt"
-    if content is not None:
+    if isinstance(content, bytes):
+        log.write_bytes(content)
+    elif content is not None:
         log.write_text(content)
     with pytest.raises(SystemExit) as exit_info:
         plot_log.main(["--log", str(log), "--out", str(tmp_path / "c.png")])

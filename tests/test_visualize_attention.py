@@ -104,6 +104,7 @@ def test_colormap_runs_from_dark_to_bright():
     (["--image_path", "{photos}", "--random_weights", "--image_size", "8"], "smaller than one"),
     (["--image_path", "{empty}", "--random_weights"], "no image files"),
     (["--image_path", "{bad}", "--random_weights"], "cannot read image"),
+    (["--image_path", "{photos}", "--random_weights", "--output_dir", "{bad}/maps"], "cannot create --output_dir"),
 ])
 def test_bad_input_is_one_line(photos_dir, tmp_path, capsys, args, message):
     empty = tmp_path / "empty"
