@@ -257,9 +257,8 @@ class PackageStep(object):
 def resolve_package_mode(args, accel):
     if args.precision != "auto":
         return args.precision
-    bf16_ok = accel.kind != "cuda" or torch.cuda.is_bf16_supported()
     return utils.resolve_precision_mode(accel.kind, amp=args.amp, use_fp16=args.use_fp16,
-                                        apex_available=False, bf16_supported=bf16_ok)
+                                        apex_available=False, bf16_supported=accel.bf16_supported)
 
 
 def peak_tflops(args, accel, mode):
@@ -267,7 +266,7 @@ def peak_tflops(args, accel, mode):
         return args.peak_tflops
     if accel.kind != "cuda":
         return None
-    name = torch.cuda.get_device_name(accel.device)
+    name = accel.describe()
     for key, peaks in PEAK_TFLOPS:
         if key in name:
             return peaks.get(mode)

@@ -39,13 +39,18 @@ from vision_transformer import DINOHead
 from utils import UserError
 
 VIT_ARCHS = ['vit_tiny', 'vit_small', 'vit_base']
+# optimizers whose saved state another can resume from (npufusedadamw falls back to adamw off Ascend)
+OPTIMIZER_STATE_KIND = {"adamw": "adamw", "npufusedadamw": "adamw", "sgd": "sgd", "lars": "lars"}
 
 
-def torchvision_archs():
+def _list_torchvision_archs():
     if hasattr(torchvision_models, "list_models"):
         return sorted(torchvision_models.list_models(module=torchvision_models))
     return sorted(name for name in torchvision_models.__dict__
                   if name.islower() and not name.startswith("__") and callable(torchvision_models.__dict__[name]))
+
+
+torchvision_archs = _list_torchvision_archs()  # a list, as in the reference
 
 
 class OneLineErrorParser(argparse.ArgumentParser):
@@ -179,6 +184,10 @@ def add_process_args(parser):
 
 def validate_args(args):
     """Rejects impossible settings before any work starts."""
+    arch = args.arch.replace("deit", "vit")
+    if arch not in VIT_ARCHS and arch not in torchvision_archs and not arch.startswith("xcit"):
+        raise UserError(f"unknown --arch {args.arch!r}: use {', '.join(VIT_ARCHS)} or a torchvision model "
+                        f"such as resnet50")
     if args.batch_size_per_gpu < 1:
         raise UserError(f"--batch_size_per_gpu must be at least 1 (got {args.batch_size_per_gpu})")
     if args.epochs < 1:
@@ -421,7 +430,8 @@ def resolve_train_folder(data_path):
     if not os.path.isdir(data_path):
         raise UserError(f"--data_path is not a folder: {data_path}")
     train = os.path.join(data_path, "train")
-    if os.path.isdir(train):
+    # the ImageNet layout: train/ holds class folders; a class named "train" holds images
+    if os.path.isdir(train) and any(entry.is_dir() for entry in os.scandir(train)):
         print(f"Training on {train} only (the ImageNet layout's val/ is kept for evaluation).")
         return train
     return data_path
@@ -458,9 +468,9 @@ def build_data(args, accel):
         pin_memory=accel.pin_memory,
         drop_last=True,
         collate_fn=collate_crops,
-        persistent_workers=workers > 0,
-        prefetch_factor=4 if workers > 0 else None,
         generator=torch.Generator(),  # keeps the global RNG (drop path) independent of the loader
+        # torch < 2.0 refuses prefetch_factor without workers
+        **(dict(persistent_workers=True, prefetch_factor=4) if workers > 0 else {}),
     )
     steps = sampler.num_samples // args.batch_size_per_gpu
     print(f"Data loaded: there are {len(dataset)} images.")
@@ -477,7 +487,7 @@ def build_backbone(arch, patch_size, drop_path_rate=0.0):
     if arch.startswith("xcit"):
         raise UserError(f"--arch {arch}: XCiT models come from torch.hub at run time in the reference; this "
                         f"package runs offline and does not ship them")
-    if arch in torchvision_archs():
+    if arch in torchvision_archs:
         model = torchvision_models.__dict__[arch]() if arch in torchvision_models.__dict__ \
             else torchvision_models.get_model(arch)
         fc = getattr(model, "fc", None)
@@ -571,6 +581,50 @@ def set_rng_state(state, accel):
     accel.set_rng_state(state["device"])
 
 
+def train_one_epoch(student, teacher, teacher_without_ddp, dino_loss, data_loader, optimizer, lr_schedule,
+                    wd_schedule, momentum_schedule, epoch, fp16_scaler, args):
+    """The reference's epoch loop, for scripts that build their own models and loader; returns the averaged
+    stats. fp16 autocast with `fp16_scaler`, fp32 without. main_dino.py itself trains with Trainer, which adds
+    exact resume, the checks of the Reliability section and the speed paths."""
+    student_core = student.module if hasattr(student, "module") else student
+    device = next(student_core.parameters()).device
+    accel = utils.Accelerator(device.type, device.index or 0)
+    precision = utils.Precision("fp16" if fp16_scaler is not None else "fp32", accel, scaler=fp16_scaler)
+    ema = utils.TeacherEMA(student_core, teacher_without_ddp, fused=True)
+    metric_logger = utils.MetricLogger(delimiter="  ")
+    header = 'Epoch: [{}/{}]'.format(epoch, args.epochs)
+    for it, batch in enumerate(metric_logger.log_every(data_loader, 10, header)):
+        it = len(data_loader) * epoch + it  # global training iteration
+        for i, param_group in enumerate(optimizer.param_groups):
+            param_group["lr"] = float(lr_schedule[it])
+            if i == 0:  # only the first group is regularized
+                param_group["weight_decay"] = float(wd_schedule[it])
+        images = utils.normalize_uint8_crops([accel.to(im) for im in batch[0]])
+        with precision.autocast():
+            with torch.no_grad():
+                teacher_output = teacher(images[:2])  # only the 2 global views pass through the teacher
+            student_output = student(images)
+            loss = dino_loss(student_output, teacher_output, epoch)
+        if not math.isfinite(loss.item()):
+            raise UserError(f"loss is {loss.item()} at epoch {epoch}, global step {it}; stopping training")
+        precision.zero_grad(optimizer)
+        precision.backward(loss, optimizer)
+        if args.clip_grad:
+            precision.unscale_(optimizer)
+            utils.clip_gradients(student_core, args.clip_grad, fused=True)
+        frozen = utils.cancel_gradients_last_layer(epoch, student_core, args.freeze_last_layer,
+                                                   in_place=precision.combined_grads)
+        precision.step(optimizer)
+        utils.restore_parameters(frozen)
+        ema.update(float(momentum_schedule[it]))
+        metric_logger.update(loss=loss.item())
+        metric_logger.update(lr=optimizer.param_groups[0]["lr"])
+        metric_logger.update(wd=optimizer.param_groups[0]["weight_decay"])
+    metric_logger.synchronize_between_processes()
+    print("Averaged stats:", metric_logger)
+    return {k: meter.global_avg for k, meter in metric_logger.meters.items()}
+
+
 class Trainer(object):
     """Holds the pieces of one DINO run and knows how to checkpoint and resume them."""
 
@@ -590,9 +644,12 @@ class Trainer(object):
         student, teacher = build_student_teacher(args)
         student, teacher = self.accel.to(student), self.accel.to(teacher)
         distributed = utils.is_dist_avail_and_initialized()
-        if distributed and utils.has_batchnorms(student):
+        sync_batchnorm = distributed and utils.has_batchnorms(student) and self.accel.sync_batchnorm
+        if sync_batchnorm:
             student = nn.SyncBatchNorm.convert_sync_batchnorm(student)
             teacher = nn.SyncBatchNorm.convert_sync_batchnorm(teacher)
+        elif distributed and utils.has_batchnorms(student):
+            print("BatchNorm layers keep per-process statistics: SyncBatchNorm needs GPUs or NPUs")
         teacher.load_state_dict(student.state_dict())  # same weights at the start
         for p in teacher.parameters():
             p.requires_grad = False
@@ -602,10 +659,11 @@ class Trainer(object):
             args.out_dim, args.local_crops_number + 2, args.warmup_teacher_temp, args.teacher_temp,
             args.warmup_teacher_temp_epochs, args.epochs))
 
-        optimizer = utils.build_optimizer(args.optimizer, utils.get_params_groups(student), self.accel)
         mode = utils.resolve_precision_mode(
             self.accel.kind, amp=args.amp, use_fp16=args.use_fp16, apex_available=utils.apex_amp_available(),
-            bf16_supported=self.accel.kind != "cuda" or torch.cuda.is_bf16_supported())
+            bf16_supported=self.accel.bf16_supported)
+        optimizer = utils.build_optimizer(args.optimizer, utils.get_params_groups(student), self.accel,
+                                          precision_mode=mode)
         self.precision = utils.Precision(mode, self.accel)
         (student, teacher), optimizer = self.precision.initialize([student, teacher], optimizer)
         print(f"Precision: {mode} on {self.accel.describe()}")
@@ -615,7 +673,7 @@ class Trainer(object):
         self.graphs_pending = getattr(args, "cuda_graph", False)
         if self.graphs_pending:
             reason = utils.cuda_graph_unsupported_reason(self.accel.kind, args.compile, mode,
-                                                         sync_batchnorm=distributed and utils.has_batchnorms(student))
+                                                         sync_batchnorm=sync_batchnorm)
             if reason:
                 raise UserError(reason)
         self.student_core, self.teacher = student, teacher
@@ -641,6 +699,7 @@ class Trainer(object):
         self.bad_images_epoch = 0
         self.collapse_monitor = CollapseMonitor(args.out_dim)
         self._nan_hook_step = int(os.environ.get("DINO_TEST_NONFINITE_AT_STEP", "-1"))  # test-only
+        self.pending_nonfinite = None  # (flag, loss, epoch, step) of the last step, checked one step late
 
     # ---- checkpoints ----
 
@@ -675,6 +734,16 @@ class Trainer(object):
         except UserError as err:
             raise UserError(f"{err}. Move {self.ckpt_path} away (or use another --output_dir) to start "
                             f"over") from err
+        if not isinstance(ckpt, dict):
+            raise UserError(f"{self.ckpt_path} is not a training checkpoint (it holds a {type(ckpt).__name__}); "
+                            f"move it away (or use another --output_dir) to start over")
+        saved_args = ckpt.get('args')  # a dict here, a Namespace in the reference's checkpoints
+        saved_optimizer = (saved_args.get('optimizer') if isinstance(saved_args, dict)
+                           else getattr(saved_args, 'optimizer', None))
+        if saved_optimizer and OPTIMIZER_STATE_KIND.get(saved_optimizer) != OPTIMIZER_STATE_KIND.get(self.args.optimizer):
+            raise UserError(f"{self.ckpt_path} was trained with --optimizer {saved_optimizer}, whose state "
+                            f"{self.args.optimizer} cannot take over; resume with --optimizer {saved_optimizer} "
+                            f"or use another --output_dir")
         try:
             self.student_core.load_state_dict(utils.strip_prefixes(ckpt['student'], ("module.",)))
             self.teacher.load_state_dict(utils.strip_prefixes(ckpt['teacher'], ("module.",)))
@@ -684,12 +753,12 @@ class Trainer(object):
             self.optimizer.load_state_dict(ckpt['optimizer'])
             for group, own in zip(self.optimizer.param_groups, own_flags):
                 group.update(own)
-        except (KeyError, RuntimeError, ValueError) as err:
-            raise UserError(f"{self.ckpt_path} does not fit this run ({str(err).splitlines()[0]}); use another "
+            self.start_epoch = int(ckpt.get('epoch', 0))
+            self.start_step = int(ckpt.get('step_in_epoch', 0))
+        except (KeyError, RuntimeError, ValueError, TypeError, AttributeError) as err:
+            raise UserError(f"{self.ckpt_path} does not fit this run ({load_error_summary(err)}); use another "
                             f"--output_dir to start a new run") from err
         self.precision.load_state_dict(ckpt.get('amp' if self.precision.mode == "apex_o1" else 'fp16_scaler'))
-        self.start_epoch = int(ckpt.get('epoch', 0))
-        self.start_step = int(ckpt.get('step_in_epoch', 0))
         if self.start_step >= self.steps_per_epoch:
             self.start_epoch, self.start_step = self.start_epoch + 1, 0
         if 'rng' in ckpt:
@@ -760,7 +829,7 @@ class Trainer(object):
                                            if self.accel.kind != "cpu" else None)
         header = 'Epoch: [{}/{}]'.format(epoch, args.epochs)
         self.bad_images_epoch = 0
-        pending_nonfinite = None
+        self.pending_nonfinite = None
         steps_done_in_epoch = start_step
         steps = metric_logger.log_every(self.loader, 10, header, total=self.steps_per_epoch, start_index=start_step)
         for it_in_epoch, (images, _, failed) in enumerate(steps, start=start_step):
@@ -785,17 +854,19 @@ class Trainer(object):
             if it == self._nan_hook_step:
                 loss = loss * float("nan")
 
-            self.optimizer.zero_grad(set_to_none=True)
+            self.precision.zero_grad(self.optimizer)
             self.precision.backward(loss, self.optimizer)
             # Read the previous step's flag now, while this step's work stays queued (HostCopy: no drain on GPUs).
-            if pending_nonfinite is not None:
-                self.stop_if_nonfinite(*pending_nonfinite)
-            pending_nonfinite = (self.nonfinite_flag(loss), loss.detach(), epoch, it)
+            if self.pending_nonfinite is not None:
+                self.stop_if_nonfinite(*self.pending_nonfinite)
+            self.pending_nonfinite = (self.nonfinite_flag(loss), loss.detach(), epoch, it)
             if args.clip_grad:
                 self.precision.unscale_(self.optimizer)
                 utils.clip_gradients(self.student_core, args.clip_grad, fused=True)
-            utils.cancel_gradients_last_layer(epoch, self.student_core, args.freeze_last_layer)
+            frozen = utils.cancel_gradients_last_layer(epoch, self.student_core, args.freeze_last_layer,
+                                                       in_place=self.precision.combined_grads)
             self.precision.step(self.optimizer)
+            utils.restore_parameters(frozen)
             self.ema.update(float(self.momentum_schedule[it]))
 
             metric_logger.update(loss=loss.detach(), **{k: v for k, v in self.dino_loss.last_stats.items()})
@@ -810,14 +881,14 @@ class Trainer(object):
                 self.check_bad_image_rate(epoch, steps_done_in_epoch)
             last_of_epoch = it_in_epoch + 1 == self.steps_per_epoch
             if args.saveckp_steps and global_step % args.saveckp_steps == 0 and not last_of_epoch:
-                self.stop_if_nonfinite(*pending_nonfinite)
+                self.stop_if_nonfinite(*self.pending_nonfinite)
                 throughput.pause()
                 self.save(epoch, it_in_epoch + 1)
                 throughput.resume()
             if global_step >= self.total_steps:
                 break
-        if pending_nonfinite is not None:
-            self.stop_if_nonfinite(*pending_nonfinite)
+        if self.pending_nonfinite is not None:
+            self.stop_if_nonfinite(*self.pending_nonfinite)
         self.check_bad_image_rate(epoch, steps_done_in_epoch)
         metric_logger.synchronize_between_processes()
         print("Averaged stats:", metric_logger)
@@ -861,10 +932,18 @@ class Trainer(object):
             total_bad = int(utils.all_reduce_sum(count).item())
         epoch_images = self.steps_per_epoch * self.samples_per_step
         if total_bad > 0.01 * epoch_images:
+            if self.pending_nonfinite is not None:
+                self.stop_if_nonfinite(*self.pending_nonfinite)  # never save weights of a non-finite step
             self.save(epoch, step_in_epoch)
             raise UserError(f"{total_bad} unreadable images in epoch {epoch}, more than 1% of its "
                             f"{epoch_images}; fix or remove them (the warnings name each file) and run the same "
                             f"command to resume from {self.ckpt_path}")
+
+
+def load_error_summary(err, limit=300):
+    """The first lines of a load_state_dict error (its first line alone names no key)."""
+    text = " ".join(line.strip() for line in str(err).splitlines()[:2] if line.strip()) or type(err).__name__
+    return text if len(text) <= limit else text[:limit - 3] + "..."
 
 
 class CollapseMonitor(object):

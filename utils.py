@@ -618,12 +618,31 @@ def _foreach_mul_tensors(tensors, scalars_tensor):
         t.mul_(c)
 
 
-def cancel_gradients_last_layer(epoch, model, freeze_last_layer):
+def cancel_gradients_last_layer(epoch, model, freeze_last_layer, in_place=False):
+    """Keeps the last layer out of the optimizer step during the first `freeze_last_layer` epochs.
+
+    As the reference, its gradients become None. With `in_place` (gradients in one combined buffer, as under
+    Ascend apex) they are zeroed instead and copies of the weights are returned, for restore_parameters after
+    the step: a zero gradient would still let weight decay move them."""
     if epoch >= freeze_last_layer:
-        return
+        return None
+    frozen = []
     for name, p in model.named_parameters():
         if "last_layer" in name:
-            p.grad = None
+            if not in_place:
+                p.grad = None
+                continue
+            if p.grad is not None:
+                p.grad.zero_()
+            frozen.append((p, p.detach().clone()))
+    return frozen or None
+
+
+@torch.no_grad()
+def restore_parameters(saved):
+    """Puts back the weights that cancel_gradients_last_layer(in_place=True) copied."""
+    for p, value in saved or ():
+        p.copy_(value)
 
 
 class TeacherEMA(object):
@@ -810,7 +829,8 @@ class SmoothedValue(object):
 
     @property
     def median(self):
-        return float(np.median(list(self.deque))) if self.deque else 0.0
+        # torch's median, as the reference: the lower of the two middle values
+        return torch.tensor(list(self.deque)).median().item() if self.deque else 0.0
 
     @property
     def avg(self):
@@ -972,13 +992,19 @@ def resolve_device_kind(requested, has_npu, has_cuda):
     return requested
 
 
-def check_device_index(kind, local_rank, count):
-    """One process per device: a launcher that starts more processes than this machine has devices fails
-    here, with the numbers, instead of in set_device."""
-    if kind != "cpu" and local_rank >= count:
+def check_device_index(kind, local_rank, count, wrap=False):
+    """The device index of a process. One process per device: a launcher that starts more processes than this
+    machine has devices fails here, with the numbers, instead of in set_device. `wrap` takes the local rank
+    modulo the device count (SLURM may bind one device to each task)."""
+    if kind == "cpu":
+        return 0
+    if wrap and count > 0:
+        local_rank %= count
+    if local_rank >= count:
         raise UserError(f"process {local_rank} on this machine has no {kind} device of its own: {count} visible; "
                         f"start at most {count} processes per machine (torchrun --nproc_per_node, the "
                         f"launchers' --nproc)")
+    return local_rank
 
 
 class Accelerator(object):
@@ -995,16 +1021,16 @@ class Accelerator(object):
             torch.npu.set_device(self.device)
 
     @classmethod
-    def create(cls, requested="auto", local_rank=0):
+    def create(cls, requested="auto", local_rank=0, wrap_index=False):
+        """wrap_index: the local rank modulo the visible devices (SLURM may give each task its own device)."""
         if requested == "auto":
             has_npu, has_cuda = npu_available(), cuda_available()
         else:
             has_npu = npu_available() if requested == "npu" else False
             has_cuda = cuda_available() if requested == "cuda" else False
         kind = resolve_device_kind(requested, has_npu, has_cuda)
-        if kind != "cpu":
-            check_device_index(kind, local_rank, getattr(torch, kind).device_count())
-        return cls(kind, local_rank if kind != "cpu" else 0)
+        count = getattr(torch, kind).device_count() if kind != "cpu" else 0
+        return cls(kind, check_device_index(kind, local_rank, count, wrap=wrap_index))
 
     @property
     def dist_backend(self):
@@ -1019,6 +1045,16 @@ class Accelerator(object):
         """Whether the loader hands over uint8 crops for normalize_uint8_crops to finish here: a quarter of the
         bytes through the workers' shared memory, the pinned copy and the host-to-device copy. On CPUs the
         workers normalize (the main process would otherwise do their work)."""
+        return self.kind != "cpu"
+
+    @property
+    def bf16_supported(self):
+        """Whether --amp can use bf16 here (older GPUs get fp16 with loss scaling)."""
+        return self.kind != "cuda" or torch.cuda.is_bf16_supported()
+
+    @property
+    def sync_batchnorm(self):
+        """SyncBatchNorm needs an accelerator; CPU processes keep per-process statistics."""
         return self.kind != "cpu"
 
     @property
@@ -1130,19 +1166,27 @@ def resolve_precision_mode(kind, amp=False, use_fp16=False, apex_available=False
 
 class Precision(object):
     """Autocast, loss scaling and the optimizer step for one precision mode."""
-    def __init__(self, mode, accelerator):
+    def __init__(self, mode, accelerator, scaler=None):
         self.mode = mode
         self.accel = accelerator
         self.scaler = None
         self.apex_amp = None
         if mode == "fp16":
-            self.scaler = _make_grad_scaler(accelerator.kind)
+            self.scaler = scaler if scaler is not None else _make_grad_scaler(accelerator.kind)
         elif mode == "apex_o1":
             self.apex_amp = importlib.import_module("apex.amp")
 
     @property
     def autocast_dtype(self):
         return {"fp16": torch.float16, "bf16": torch.bfloat16}.get(self.mode)
+
+    @property
+    def combined_grads(self):
+        """apex O1 with combine_grad keeps every gradient in one buffer: a .grad never becomes None."""
+        return self.mode == "apex_o1"
+
+    def zero_grad(self, optimizer):
+        optimizer.zero_grad(set_to_none=not self.combined_grads)
 
     def autocast(self):
         dtype = self.autocast_dtype
@@ -1206,13 +1250,14 @@ def _make_grad_scaler(kind):
     return torch.cuda.amp.GradScaler()
 
 
-def build_optimizer(name, params_groups, accelerator):
-    """adamw uses the fastest exact AdamW kernel of the device; npufusedadamw is Ascend apex's."""
+def build_optimizer(name, params_groups, accelerator, precision_mode="apex_o1"):
+    """adamw uses the fastest exact AdamW kernel of the device; npufusedadamw is Ascend apex's, which works on
+    the combined buffers of apex O1 (--amp) only."""
     if name == "npufusedadamw":
-        if accelerator.kind == "npu" and apex_amp_available():
+        if npu_fused_adamw_usable(accelerator.kind, apex_amp_available(), precision_mode):
             from apex.optimizers import NpuFusedAdamW
             return NpuFusedAdamW(params_groups)
-        print("NpuFusedAdamW needs an NPU and Ascend apex; using torch AdamW instead.")
+        print("NpuFusedAdamW needs an NPU, Ascend apex and --amp (apex O1); using torch AdamW instead.")
         name = "adamw"
     if name == "adamw":
         # fused AdamW: one pass over memory instead of one per op (CUDA, and CPUs since torch 2.4)
@@ -1230,6 +1275,10 @@ def build_optimizer(name, params_groups, accelerator):
     if name == "lars":
         return LARS(params_groups)
     raise UserError(f"unknown optimizer {name!r}")
+
+
+def npu_fused_adamw_usable(kind, apex_available, precision_mode):
+    return kind == "npu" and apex_available and precision_mode == "apex_o1"
 
 
 def compile_unsupported_reason(kind, has_module_compile, has_cxx, has_triton):
@@ -1500,8 +1549,9 @@ def init_distributed_mode(args):
     A lone process (no launcher) needs no process group and no port.
     """
     rank, world_size, local_rank = distributed_env()
-    args.rank, args.world_size, args.gpu = rank, world_size, local_rank
-    accel = Accelerator.create(getattr(args, "device", "auto"), local_rank)
+    under_slurm = "SLURM_PROCID" in os.environ and "RANK" not in os.environ
+    accel = Accelerator.create(getattr(args, "device", "auto"), local_rank, wrap_index=under_slurm)
+    args.rank, args.world_size, args.gpu = rank, world_size, accel.index
     if world_size > 1:
         if "SLURM_PROCID" in os.environ and "RANK" not in os.environ:
             os.environ.setdefault("MASTER_ADDR", _slurm_master_addr())
@@ -1598,6 +1648,7 @@ def save_atomic(obj, path):
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
+        remove_stale_temporaries(path)
     except OSError as err:
         with contextlib.suppress(OSError):
             os.remove(tmp)
@@ -1609,6 +1660,24 @@ def save_atomic(obj, path):
             os.fsync(fd)
         finally:
             os.close(fd)
+
+
+def remove_stale_temporaries(path):
+    """Deletes what save_atomic calls killed mid-write left beside `path` (their process is gone)."""
+    folder, prefix = os.path.dirname(os.path.abspath(path)), f".{os.path.basename(path)}.tmp."
+    for name in os.listdir(folder):
+        pid = name[len(prefix):]
+        if not name.startswith(prefix) or not pid.isdigit() or int(pid) == os.getpid():
+            continue
+        try:
+            os.kill(int(pid), 0)
+            continue  # a live process may still be writing it
+        except ProcessLookupError:
+            pass
+        except OSError:
+            continue
+        with contextlib.suppress(OSError):
+            os.remove(os.path.join(folder, name))
 
 
 def save_on_master(obj, path):
@@ -1638,7 +1707,11 @@ def restart_from_checkpoint(ckp_path, run_variables=None, **kwargs):
             try:
                 msg = value.load_state_dict(checkpoint[key], strict=False)
             except TypeError:
-                msg = value.load_state_dict(checkpoint[key])
+                try:
+                    msg = value.load_state_dict(checkpoint[key])
+                except ValueError:
+                    print("=> failed to load '{}' from checkpoint: '{}'".format(key, ckp_path))
+                    continue
             print("=> loaded '{}' from checkpoint '{}' with msg {}".format(key, ckp_path, msg))
         else:
             print("=> key '{}' not found in checkpoint: '{}'".format(key, ckp_path))

@@ -139,6 +139,41 @@ def test_synthetic_run_writes_a_reference_format_checkpoint_and_resumes(tmp_path
     assert throughput(second.stdout) > 0
 
 
+def test_checkpoints_that_cannot_resume_this_run(run_main, tmp_path):
+    """Another optimizer's state, a file that is no training checkpoint, missing keys: one line each, before any
+    step, and the checkpoint is left as it was."""
+    out = tmp_path / "run"
+    code, err = run_main(*SYNTHETIC, "--num_steps", "1", "--output_dir", out)
+    assert code == 0, err
+    ckpt_path = out / "checkpoint.pth"
+    saved = ckpt_path.read_bytes()
+    code, err = run_main(*SYNTHETIC, "--num_steps", "2", "--output_dir", out, "--optimizer", "sgd")
+    assert_one_line_error(code, err, "--optimizer adamw", "sgd", str(ckpt_path))
+    assert ckpt_path.read_bytes() == saved
+    code, err = run_main(*SYNTHETIC, "--num_steps", "2", "--output_dir", out, "--optimizer", "npufusedadamw")
+    assert code == 0, err  # AdamW's state either way (NpuFusedAdamW falls back to AdamW off Ascend)
+
+    ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=True)
+    del ckpt["student"]["module.backbone.cls_token"]
+    torch.save(ckpt, ckpt_path)
+    code, err = run_main(*SYNTHETIC, "--num_steps", "3", "--output_dir", out)
+    assert_one_line_error(code, err, "does not fit this run", "backbone.cls_token")
+
+    torch.save(torch.zeros(3), ckpt_path)
+    code, err = run_main(*SYNTHETIC, "--num_steps", "3", "--output_dir", out)
+    assert_one_line_error(code, err, "not a training checkpoint", "Tensor")
+
+
+def test_a_class_named_train_is_not_the_imagenet_layout(tmp_path):
+    for name in ("bus", "train"):
+        (tmp_path / "classes" / name).mkdir(parents=True)
+        Image.new("RGB", (8, 8)).save(tmp_path / "classes" / name / "0.png")
+    assert main_dino.resolve_train_folder(str(tmp_path / "classes")) == str(tmp_path / "classes")
+    (tmp_path / "imagenet" / "train" / "n01440764").mkdir(parents=True)
+    assert main_dino.resolve_train_folder(str(tmp_path / "imagenet")) == str(tmp_path / "imagenet" / "train")
+    assert isinstance(main_dino.torchvision_archs, list) and "resnet50" in main_dino.torchvision_archs
+
+
 @pytest.mark.parametrize("compiled", [
     False,
     pytest.param(True, marks=pytest.mark.skipif(not utils.has_cxx_compiler(), reason="--compile needs a C++ compiler")),
@@ -150,9 +185,12 @@ def test_two_processes_with_torchrun_on_cpu(tmp_path, compiled):
            os.path.join(ROOT, "main_dino.py"), *SYNTHETIC, "--num_steps", "3", "--output_dir", str(out)]
     if compiled:  # the compiled blocks inside DistributedDataParallel (drop path on)
         cmd += ["--compile", "--drop_path_rate", "0.1"]
+    else:  # BatchNorm in the head: SyncBatchNorm is for accelerators, CPU processes keep their own statistics
+        cmd += ["--use_bn_in_head", "true"]
     result = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     assert ("transformer blocks (compiled" in result.stdout) == compiled
+    assert ("BatchNorm layers keep per-process statistics" in result.stdout) != compiled
     assert "distributed init (rank 0/2)" in result.stdout + result.stderr
     assert "distributed init (rank 1/2)" in result.stdout + result.stderr
     assert throughput(result.stdout) > 0

@@ -130,6 +130,13 @@ def test_kill_during_save_keeps_the_previous_checkpoint(tmp_path):
         proc.communicate()
         ckpt = utils.load_checkpoint_file(str(path))
         assert torch.all(ckpt["w"] == float(ckpt["step"]))
+    # the next save clears what killed writers left, never a live process's file
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    (tmp_path / f".checkpoint.pth.tmp.{int(dead.stdout)}").write_bytes(b"half a checkpoint")
+    live = tmp_path / f".checkpoint.pth.tmp.{os.getppid()}"
+    live.write_bytes(b"being written")
+    utils.save_atomic({"step": 0}, str(path))
+    assert sorted(os.listdir(tmp_path)) == [live.name, "checkpoint.pth"]
 
 
 def test_full_disk_during_save_keeps_the_previous_checkpoint(tmp_path, monkeypatch):

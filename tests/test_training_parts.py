@@ -246,10 +246,69 @@ def test_device_selection_refuses_missing_devices(requested, npu, cuda):
 
 
 def test_more_processes_than_devices_is_a_user_error():
-    utils.check_device_index("npu", 7, 8)
-    utils.check_device_index("cpu", 5, 0)  # CPU processes share the host
+    assert utils.check_device_index("npu", 7, 8) == 7
+    assert utils.check_device_index("cpu", 5, 0) == 0  # CPU processes share the host
     with pytest.raises(utils.UserError, match="process 4 on this machine has no cuda device of its own: 4 visible"):
         utils.check_device_index("cuda", 4, 4)
+    # SLURM binding one GPU to each task: every task sees its own device as index 0
+    assert utils.check_device_index("cuda", 5, 1, wrap=True) == 0
+    assert utils.check_device_index("cuda", 5, 4, wrap=True) == 1
+
+
+def frozen_head_case():
+    torch.manual_seed(0)
+    model = nn.Sequential()
+    model.add_module("body", nn.Linear(4, 4))
+    model.add_module("last_layer", nn.Linear(4, 3))
+    optimizer = torch.optim.AdamW(utils.get_params_groups(model), lr=0.1, weight_decay=0.5)
+    model(torch.randn(5, 4)).square().sum().backward()
+    return model, optimizer
+
+
+def test_last_layer_freeze_with_combined_gradients_keeps_it_unchanged():
+    """Ascend apex keeps gradients in one buffer (never None): the freeze zeroes them in place and puts the
+    weights back after the step, which weight decay would otherwise move."""
+    model, optimizer = frozen_head_case()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    grads = [p.grad for p in model.last_layer.parameters()]
+    frozen = utils.cancel_gradients_last_layer(0, model, 1, in_place=True)
+    assert [p.grad for p in model.last_layer.parameters()] == grads  # the same tensors, zeroed
+    assert all(torch.all(g == 0) for g in grads)
+    optimizer.step()
+    assert not torch.equal(model.last_layer.weight, before["last_layer.weight"])  # weight decay moved it
+    utils.restore_parameters(frozen)
+    after = model.state_dict()
+    assert all(torch.equal(after[k], before[k]) for k in before if k.startswith("last_layer"))
+    assert not torch.equal(after["body.weight"], before["body.weight"])
+    assert utils.cancel_gradients_last_layer(1, model, 1, in_place=True) is None  # past the frozen epochs
+
+    model, optimizer = frozen_head_case()  # the reference's way: no gradient, no step for the last layer
+    assert utils.cancel_gradients_last_layer(0, model, 1) is None
+    assert all(p.grad is None for p in model.last_layer.parameters())
+
+
+def test_gradient_buffers_and_fused_adamw_follow_the_precision_mode():
+    assert not utils.Precision("fp32", utils.Accelerator("cpu")).combined_grads
+    apex_o1 = object.__new__(utils.Precision)  # apex itself is not importable here
+    apex_o1.mode = "apex_o1"
+    model, optimizer = frozen_head_case()
+    apex_o1.zero_grad(optimizer)  # combined gradients: zeroed, never None
+    assert all(p.grad is not None and torch.all(p.grad == 0) for p in model.parameters())
+    utils.Precision("bf16", utils.Accelerator("cpu")).zero_grad(optimizer)
+    assert all(p.grad is None for p in model.parameters())
+    # NpuFusedAdamW steps apex O1's combined buffers only: without --amp it would fail on its first step
+    assert utils.npu_fused_adamw_usable("npu", True, "apex_o1")
+    assert not utils.npu_fused_adamw_usable("npu", True, "fp16")
+    assert not utils.npu_fused_adamw_usable("npu", True, "fp32")
+    assert not utils.npu_fused_adamw_usable("npu", False, "fp16")
+    assert not utils.npu_fused_adamw_usable("cuda", True, "apex_o1")
+
+
+def test_smoothed_median_is_the_lower_middle_value_as_in_the_reference():
+    meter = utils.SmoothedValue()
+    for value in (1.0, 4.0, 2.0, 3.0):
+        meter.update(value)
+    assert meter.median == 2.0
 
 
 def test_old_torch_stops_before_any_work(monkeypatch, capsys):
@@ -339,3 +398,36 @@ def test_host_copy_is_a_snapshot_read_later():
     flag.add_(1.0)  # what the device does after the copy does not change the value read
     assert copy.get().item() == 0.0 and copy.get().device.type == "cpu"
     assert accel.host_copy(flag).get().item() == 1.0
+
+
+def test_reference_train_one_epoch_signature_trains_as_the_reference_loop():
+    """main_dino.train_one_epoch with the reference's arguments: schedules applied, the last layer frozen in
+    epoch 0, the teacher an EMA of the student, the averaged stats returned."""
+    from types import SimpleNamespace
+    torch.manual_seed(0)
+    args = SimpleNamespace(arch="vit_tiny", patch_size=8, out_dim=32, use_bn_in_head=False, norm_last_layer=True,
+                           drop_path_rate=0.0, epochs=2, clip_grad=3.0, freeze_last_layer=1)
+    student, teacher = main_dino.build_student_teacher(args)
+    teacher.load_state_dict(student.state_dict())
+    for p in teacher.parameters():
+        p.requires_grad = False
+    dino_loss = main_dino.DINOLoss(32, 4, 0.04, 0.04, 0, 2)
+    optimizer = torch.optim.AdamW(utils.get_params_groups(student))
+    loader = [([torch.randn(2, 3, 16, 16) for _ in range(2)] + [torch.randn(2, 3, 8, 8) for _ in range(2)],
+               torch.zeros(2)) for _ in range(2)]
+    lr, wd, momentum = np.array([1e-3, 2e-3, 3e-3, 4e-3]), np.array([0.04, 0.05, 0.06, 0.07]), np.full(4, 0.9)
+    last_before = {k: v.clone() for k, v in student.state_dict().items() if "last_layer" in k}
+    student_before = {k: v.clone() for k, v in student.state_dict().items()}
+    teacher_before = {k: v.clone() for k, v in teacher.state_dict().items()}
+    stats = main_dino.train_one_epoch(student, teacher, teacher, dino_loss, loader, optimizer, lr, wd, momentum,
+                                      0, None, args)
+    assert set(stats) == {"loss", "lr", "wd"} and math.isfinite(stats["loss"])
+    assert stats["lr"] == pytest.approx(1.5e-3) and optimizer.param_groups[0]["lr"] == 2e-3
+    assert optimizer.param_groups[0]["weight_decay"] == 0.05 and optimizer.param_groups[1]["weight_decay"] == 0
+    after = student.state_dict()
+    assert all(torch.equal(after[k], v) for k, v in last_before.items())  # frozen in epoch 0
+    assert not torch.equal(after["backbone.cls_token"], student_before["backbone.cls_token"])
+    # two EMA steps of momentum 0.9 from the same start: the teacher moved towards the student, not onto it
+    key = "backbone.blocks.0.attn.qkv.weight"
+    moved = (teacher.state_dict()[key] - teacher_before[key]).norm()
+    assert 0 < moved < (after[key] - teacher_before[key]).norm()
