@@ -89,6 +89,9 @@ def validate_args(args):
     if not args.random_weights and not args.pretrained_weights:
         raise UserError("no --pretrained_weights given: pass a checkpoint file, or --random_weights for an "
                         "untrained baseline")
+    if args.linear_weights and not args.evaluate:
+        raise UserError(f"--linear_weights {args.linear_weights} is read with --evaluate only (training starts a "
+                        f"new head, or resumes from {os.path.join(args.output_dir, CHECKPOINT_NAME)})")
     if not os.path.isdir(args.data_path):
         raise UserError(f"--data_path is not a folder: {args.data_path}")
     for split in ("val",) if args.evaluate else ("train", "val"):

@@ -133,6 +133,7 @@ def test_features_and_accuracy():
     (["--data_path", "{tiny}", "--num_labels", "3"], "smaller than the 10 classes"),
     (["--data_path", "{tiny}", "--epochs", "0"], "--epochs"),
     (["--data_path", "{tiny}", "--output_dir", "{a_file}/out"], "cannot create --output_dir"),
+    (["--data_path", "{tiny}", "--linear_weights", "{a_file}"], "with --evaluate only"),
 ])
 def test_bad_input_is_one_line(tiny_digits, tmp_path, capsys, args, message):
     no_val = tmp_path / "no_val"
