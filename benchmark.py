@@ -241,7 +241,7 @@ class PackageStep(object):
                 teacher_output = self.teacher(images[:2])
             student_output = self.student(images)
             loss = self.loss(student_output, teacher_output, EPOCH)
-        self.optimizer.zero_grad(set_to_none=True)
+        self.precision.zero_grad(self.optimizer)
         self.precision.backward(loss, self.optimizer)
         if self.pending_nonfinite is not None and self.pending_nonfinite.get().item():  # the previous step's flag
             raise UserError("this package's step: loss is not finite")
