@@ -180,7 +180,8 @@ def feature_bank_device(use_cuda, accel):
     return accel.device if use_cuda else torch.device("cpu")
 
 
-def extract_feature_pipeline(args, accel):
+def extract_feature_pipeline(args, accel=None):
+    accel = utils.Accelerator.create(getattr(args, "device", "auto")) if accel is None else accel
     # ============ building network ... ============
     model = build_model(args, accel)  # before the (long) dataset scan: a bad checkpoint fails at once
 

@@ -104,9 +104,14 @@ def bool_flag(s):
     raise argparse.ArgumentTypeError("invalid value for a boolean flag")
 
 
-@torch.no_grad()
 def trunc_normal_(tensor, mean=0., std=1., a=-2., b=2.):
-    """Normal(mean, std) truncated to [a, b], by inverse-CDF sampling (works on every torch version)."""
+    """Normal(mean, std) truncated to [a, b], in place."""
+    return _no_grad_trunc_normal_(tensor, mean, std, a, b)
+
+
+@torch.no_grad()
+def _no_grad_trunc_normal_(tensor, mean, std, a, b):
+    """Inverse-CDF sampling (works on every torch version)."""
     def norm_cdf(x):
         return (1. + math.erf(x / math.sqrt(2.))) / 2.
     lo, hi = norm_cdf((a - mean) / std), norm_cdf((b - mean) / std)

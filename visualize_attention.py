@@ -22,6 +22,7 @@ draw the pictures.
 """
 import colorsys
 import os
+import random
 
 import numpy as np
 import torch
@@ -169,16 +170,60 @@ def head_colors(count):
     return [tuple(int(255 * c) for c in colorsys.hsv_to_rgb(i / max(count, 1), 1.0, 1.0)) for i in range(count)]
 
 
-def overlay_mask(photo, mask, color, alpha=0.5):
-    """The photo tinted with `color` where mask is set, with the mask's outline drawn in that colour."""
-    out = photo.astype(np.float32).copy()
-    m = mask.astype(np.float32)[..., None]
-    out = out * (1 - alpha * m) + alpha * m * np.asarray(color, np.float32)
-    padded = np.pad(mask.astype(bool), 1, mode="constant")
+def apply_mask(image, mask, color, alpha=0.5):
+    """The reference's helper: tints `image` (H x W x 3, values 0-255, changed in place) with `color` (RGB in
+    [0, 1]) in proportion to `mask`."""
+    for c in range(3):
+        image[:, :, c] = image[:, :, c] * (1 - alpha * mask) + alpha * mask * color[c] * 255
+    return image
+
+
+def random_colors(N, bright=True):
+    """The reference's helper: N evenly spaced hues (RGB in [0, 1]) in random order."""
+    brightness = 1.0 if bright else 0.7
+    colors = [colorsys.hsv_to_rgb(i / N, 1, brightness) for i in range(N)]
+    random.shuffle(colors)
+    return colors
+
+
+def mask_outline(mask):
+    """The pixels of a boolean mask that touch a pixel outside it (4-neighbourhood)."""
+    mask = np.asarray(mask, dtype=bool)
+    padded = np.pad(mask, 1, mode="constant")
     interior = (padded[1:-1, 1:-1] & padded[:-2, 1:-1] & padded[2:, 1:-1]
                 & padded[1:-1, :-2] & padded[1:-1, 2:])
-    out[mask.astype(bool) & ~interior] = color
+    return mask & ~interior
+
+
+def overlay_mask(photo, mask, color, alpha=0.5):
+    """The photo tinted with `color` (0-255) where mask is set, with the mask's outline drawn in that colour."""
+    out = apply_mask(photo.astype(np.float32), mask.astype(np.float32), [c / 255 for c in color], alpha)
+    out[mask_outline(mask)] = color
     return out.clip(0, 255).astype(np.uint8)
+
+
+def box_blur(values, size=10):
+    """Mean over size x size windows (edges mirrored), as the reference's cv2.blur(mask, (10, 10))."""
+    values = np.asarray(values, dtype=np.float32)
+    before, after = size // 2, size - 1 - size // 2
+    padded = np.pad(values, ((before, after), (before, after)), mode="reflect")
+    windows = np.lib.stride_tricks.sliding_window_view(padded, (size, size))
+    return windows.mean(axis=(-2, -1))
+
+
+def display_instances(image, mask, fname="test", figsize=(5, 5), blur=False, contour=True, alpha=0.5):
+    """The reference's picture of one mask over an image, written to `fname` as a PNG with PIL instead of
+    matplotlib: a random bright colour, the mask box-blurred with `blur`, its outline with `contour`. The
+    picture keeps the image's pixel size; `figsize` is accepted for scripts written for the reference."""
+    color = random_colors(1)[0]
+    mask = np.asarray(mask, dtype=np.float32)
+    if blur:
+        mask = box_blur(mask)
+    masked = apply_mask(np.asarray(image, dtype=np.float32).copy(), mask, color, alpha)
+    if contour:
+        masked[mask_outline(mask > 0.5)] = np.asarray(color) * 255
+    Image.fromarray(masked.clip(0, 255).astype(np.uint8)).save(fname, format="PNG")
+    print(f"{fname} saved.")
 
 
 def _tile(array, label):

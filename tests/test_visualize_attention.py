@@ -125,3 +125,30 @@ def test_help_lists_the_flags(capsys):
         va.main(["--help"])
     assert exit_info.value.code == 0
     assert "--threshold" in capsys.readouterr().out
+
+
+def test_reference_mask_helpers(tmp_path):
+    """apply_mask, random_colors and display_instances keep the reference's names and arguments."""
+    image = np.full((20, 30, 3), 100.0)
+    mask = np.zeros((20, 30))
+    mask[5:15, 10:20] = 1.0
+    tinted = va.apply_mask(image.copy(), mask, (1.0, 0.0, 0.0), alpha=0.5)
+    assert np.allclose(tinted[10, 15], [0.5 * 100 + 0.5 * 255, 50, 50]) and np.allclose(tinted[0, 0], 100)
+
+    colors = va.random_colors(6)
+    assert len(colors) == 6 and all(0 <= c <= 1 for rgb in colors for c in rgb) and max(map(max, colors)) == 1.0
+    assert sorted(colors) == sorted(va.random_colors(6))  # the same hues, in random order
+    assert max(map(max, va.random_colors(3, bright=False))) == pytest.approx(0.7)
+
+    photo = np.full((20, 30, 3), 100, dtype=np.uint8)
+    out = tmp_path / "mask"  # no extension, as the reference's default name "test"
+    va.display_instances(photo, mask, fname=str(out), figsize=(5, 5), blur=False, contour=True)
+    picture = np.asarray(Image.open(out))
+    assert picture.shape == (20, 30, 3)
+    assert np.array_equal(picture[0, 0], [100, 100, 100]) and not np.array_equal(picture[10, 15], [100, 100, 100])
+    outline = va.mask_outline(mask > 0.5)
+    assert outline.sum() == 2 * 10 + 2 * 8 and not outline[10, 15] and outline[5, 15]
+
+    blurred = va.box_blur(mask)
+    assert blurred.shape == mask.shape and 0 < blurred[5, 10] < 1 and blurred[10, 15] == pytest.approx(1.0)
+    assert blurred.sum() == pytest.approx(mask.sum(), rel=0.02)  # a blur moves mass, it does not make it
