@@ -181,7 +181,8 @@ def feature_bank_device(use_cuda, accel):
 
 
 def extract_feature_pipeline(args, accel=None):
-    accel = utils.Accelerator.create(getattr(args, "device", "auto")) if accel is None else accel
+    if accel is None:  # the reference's call, after init_distributed_mode set args.gpu
+        accel = utils.Accelerator.create(getattr(args, "device", "auto"), getattr(args, "gpu", 0))
     # ============ building network ... ============
     model = build_model(args, accel)  # before the (long) dataset scan: a bad checkpoint fails at once
 
@@ -226,7 +227,7 @@ def extract_features(model, data_loader, use_cuda=True, multiscale=False, *, acc
     """Features of every image of the loader's dataset, on every process, in dataset order.
 
     Batches are (images, indices[, read errors]); `multiscale` averages three scales (utils.multi_scale)."""
-    accel = utils.Accelerator.create("auto") if accel is None else accel
+    accel = utils.Accelerator.of(model) if accel is None else accel
     bank_device = feature_bank_device(use_cuda, accel)
     metric_logger = utils.MetricLogger(delimiter="  ")
     features = None

@@ -424,6 +424,14 @@ class SyntheticLoader(object):
             yield self.crops, self.labels, []
 
 
+def has_subfolders(folder):
+    try:
+        with os.scandir(folder) as entries:
+            return any(entry.is_dir() for entry in entries)
+    except OSError as err:
+        raise UserError(f"cannot read {folder}: {err.strerror or err}") from err
+
+
 def resolve_train_folder(data_path):
     if not data_path or not os.path.exists(data_path):
         raise UserError(f"--data_path does not exist: {data_path}")
@@ -431,7 +439,7 @@ def resolve_train_folder(data_path):
         raise UserError(f"--data_path is not a folder: {data_path}")
     train = os.path.join(data_path, "train")
     # the ImageNet layout: train/ holds class folders; a class named "train" holds images
-    if os.path.isdir(train) and any(entry.is_dir() for entry in os.scandir(train)):
+    if os.path.isdir(train) and has_subfolders(train):
         print(f"Training on {train} only (the ImageNet layout's val/ is kept for evaluation).")
         return train
     return data_path
@@ -587,8 +595,7 @@ def train_one_epoch(student, teacher, teacher_without_ddp, dino_loss, data_loade
     stats. fp16 autocast with `fp16_scaler`, fp32 without. main_dino.py itself trains with Trainer, which adds
     exact resume, the checks of the Reliability section and the speed paths."""
     student_core = student.module if hasattr(student, "module") else student
-    device = next(student_core.parameters()).device
-    accel = utils.Accelerator(device.type, device.index or 0)
+    accel = utils.Accelerator.of(student_core)
     precision = utils.Precision("fp16" if fp16_scaler is not None else "fp32", accel, scaler=fp16_scaler)
     ema = utils.TeacherEMA(student_core, teacher_without_ddp, fused=True)
     metric_logger = utils.MetricLogger(delimiter="  ")
@@ -615,7 +622,7 @@ def train_one_epoch(student, teacher, teacher_without_ddp, dino_loss, data_loade
         frozen = utils.cancel_gradients_last_layer(epoch, student_core, args.freeze_last_layer,
                                                    in_place=precision.combined_grads)
         precision.step(optimizer)
-        utils.restore_parameters(frozen)
+        utils.restore_last_layer(frozen, optimizer)
         ema.update(float(momentum_schedule[it]))
         metric_logger.update(loss=loss.item())
         metric_logger.update(lr=optimizer.param_groups[0]["lr"])
@@ -866,7 +873,7 @@ class Trainer(object):
             frozen = utils.cancel_gradients_last_layer(epoch, self.student_core, args.freeze_last_layer,
                                                        in_place=self.precision.combined_grads)
             self.precision.step(self.optimizer)
-            utils.restore_parameters(frozen)
+            utils.restore_last_layer(frozen, self.optimizer)
             self.ema.update(float(self.momentum_schedule[it]))
 
             metric_logger.update(loss=loss.detach(), **{k: v for k, v in self.dino_loss.last_stats.items()})

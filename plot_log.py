@@ -70,7 +70,8 @@ def read_log(path):
         if not isinstance(record, dict):
             raise UserError(f"{path}, line {number} is not a JSON object; is this a log.txt?")
         epoch = record.get("epoch", len(by_epoch))
-        if isinstance(epoch, bool) or not isinstance(epoch, (int, float)) or epoch != int(epoch):
+        if (isinstance(epoch, bool) or not isinstance(epoch, (int, float)) or not math.isfinite(epoch)
+                or epoch != int(epoch)):
             raise UserError(f"{path}, line {number}: \"epoch\" is {epoch!r}, not a whole number")
         record["epoch"] = int(epoch)
         by_epoch[int(epoch)] = record

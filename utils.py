@@ -627,8 +627,8 @@ def cancel_gradients_last_layer(epoch, model, freeze_last_layer, in_place=False)
     """Keeps the last layer out of the optimizer step during the first `freeze_last_layer` epochs.
 
     As the reference, its gradients become None. With `in_place` (gradients in one combined buffer, as under
-    Ascend apex) they are zeroed instead and copies of the weights are returned, for restore_parameters after
-    the step: a zero gradient would still let weight decay move them."""
+    Ascend apex) they are zeroed instead and copies of the weights are returned for restore_last_layer after
+    the step: a zero gradient would still let weight decay move them and advance the optimizer's state."""
     if epoch >= freeze_last_layer:
         return None
     frozen = []
@@ -644,10 +644,18 @@ def cancel_gradients_last_layer(epoch, model, freeze_last_layer, in_place=False)
 
 
 @torch.no_grad()
-def restore_parameters(saved):
-    """Puts back the weights that cancel_gradients_last_layer(in_place=True) copied."""
-    for p, value in saved or ():
+def restore_last_layer(frozen, optimizer):
+    """After the step: the weights that cancel_gradients_last_layer(in_place=True) copied go back, and their
+    optimizer state returns to zeros, which AdamW, SGD and LARS treat as no state yet (the reference's frozen
+    layer never gets any). In place, so that views into combined buffers stay valid."""
+    for p, value in frozen or ():
         p.copy_(value)
+        state = optimizer.state.get(p, {})
+        for key, entry in state.items():
+            if torch.is_tensor(entry):
+                entry.zero_()
+            elif isinstance(entry, (int, float)) and not isinstance(entry, bool):
+                state[key] = type(entry)(0)
 
 
 class TeacherEMA(object):
@@ -1026,6 +1034,12 @@ class Accelerator(object):
             torch.npu.set_device(self.device)
 
     @classmethod
+    def of(cls, module):
+        """The accelerator that holds a module's parameters."""
+        device = next(module.parameters()).device
+        return cls(device.type, device.index or 0)
+
+    @classmethod
     def create(cls, requested="auto", local_rank=0, wrap_index=False):
         """wrap_index: the local rank modulo the visible devices (SLURM may give each task its own device)."""
         if requested == "auto":
@@ -1255,7 +1269,7 @@ def _make_grad_scaler(kind):
     return torch.cuda.amp.GradScaler()
 
 
-def build_optimizer(name, params_groups, accelerator, precision_mode="apex_o1"):
+def build_optimizer(name, params_groups, accelerator, precision_mode=None):
     """adamw uses the fastest exact AdamW kernel of the device; npufusedadamw is Ascend apex's, which works on
     the combined buffers of apex O1 (--amp) only."""
     if name == "npufusedadamw":
@@ -1653,12 +1667,13 @@ def save_atomic(obj, path):
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-        remove_stale_temporaries(path)
     except OSError as err:
         with contextlib.suppress(OSError):
             os.remove(tmp)
         raise UserError(f"could not write checkpoint {path}: {err.strerror or err}; "
                         f"the previous checkpoint (if any) is intact") from err
+    with contextlib.suppress(OSError):  # the checkpoint is written: a failed cleanup must not fail the save
+        remove_stale_temporaries(path)
     with contextlib.suppress(OSError):  # make the rename itself durable
         fd = os.open(folder, os.O_RDONLY)
         try:

@@ -212,8 +212,8 @@ def box_blur(values, size=10):
 
 
 def display_instances(image, mask, fname="test", figsize=(5, 5), blur=False, contour=True, alpha=0.5):
-    """The reference's picture of one mask over an image, written to `fname` as a PNG with PIL instead of
-    matplotlib: a random bright colour, the mask box-blurred with `blur`, its outline with `contour`. The
+    """The reference's picture of one mask over an image, written to `fname` (.png added without an extension)
+    with PIL instead of matplotlib: a random bright colour, the mask box-blurred with `blur`, its outline with `contour`. The
     picture keeps the image's pixel size; `figsize` is accepted for scripts written for the reference."""
     color = random_colors(1)[0]
     mask = np.asarray(mask, dtype=np.float32)
@@ -222,7 +222,9 @@ def display_instances(image, mask, fname="test", figsize=(5, 5), blur=False, con
     masked = apply_mask(np.asarray(image, dtype=np.float32).copy(), mask, color, alpha)
     if contour:
         masked[mask_outline(mask > 0.5)] = np.asarray(color) * 255
-    Image.fromarray(masked.clip(0, 255).astype(np.uint8)).save(fname, format="PNG")
+    if not os.path.splitext(fname)[1]:
+        fname += ".png"  # as matplotlib's savefig
+    Image.fromarray(masked.clip(0, 255).astype(np.uint8)).save(fname)
     print(f"{fname} saved.")
 
 

@@ -328,7 +328,6 @@ def test_multi_scale_averages_three_scales():
     want = sum(pool(x) for x in scaled) / 3
     assert torch.allclose(utils.multi_scale(samples, model), want / want.norm(), atol=1e-6)
     assert sizes == [(16, 16), (11, 11), (8, 8)]
-    assert torch.allclose(utils.multi_scale(samples, model), want / want.norm(), atol=1e-6)
 
 
 def trapezoid_ap(ranked_relevance, nres):

@@ -74,6 +74,7 @@ def test_default_output_is_next_to_the_log(tmp_path):
     ('{"epoch": 0, "note": "x"}\n', "no curve to plot"),
     ('{"epoch": "1", "train_loss": 1.0}\n{"epoch": 2, "train_loss": 0.5}\n', "line 1: \"epoch\" is '1'"),
     ('{"epoch": [1], "train_loss": 1.0}\n', "not a whole number"),
+    ('{"epoch": NaN, "train_loss": 1.0}\n', "not a whole number"),
     (b"PK\x03\x04\xff\xfe\x80 binary checkpoint bytes", "not a text file"),
 ])
 def test_bad_logs_are_one_line(tmp_path, capsys, content, message):

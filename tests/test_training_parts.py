@@ -276,7 +276,7 @@ def test_last_layer_freeze_with_combined_gradients_keeps_it_unchanged():
     assert all(torch.all(g == 0) for g in grads)
     optimizer.step()
     assert not torch.equal(model.last_layer.weight, before["last_layer.weight"])  # weight decay moved it
-    utils.restore_parameters(frozen)
+    utils.restore_last_layer(frozen, optimizer)
     after = model.state_dict()
     assert all(torch.equal(after[k], before[k]) for k in before if k.startswith("last_layer"))
     assert not torch.equal(after["body.weight"], before["body.weight"])
@@ -285,6 +285,33 @@ def test_last_layer_freeze_with_combined_gradients_keeps_it_unchanged():
     model, optimizer = frozen_head_case()  # the reference's way: no gradient, no step for the last layer
     assert utils.cancel_gradients_last_layer(0, model, 1) is None
     assert all(p.grad is None for p in model.last_layer.parameters())
+
+
+@pytest.mark.parametrize("optimizer_name", ["adamw", "sgd", "lars"])
+def test_combined_gradient_freeze_trains_as_the_reference_after_the_frozen_steps(optimizer_name):
+    """Frozen steps with zeroed gradients, then normal steps, give the weights of the reference's freeze (no
+    gradient at all): the optimizer state of the frozen layer is reset along with its weights."""
+    def run(in_place):
+        torch.manual_seed(0)
+        model = nn.Sequential()
+        model.add_module("body", nn.Linear(4, 4))
+        model.add_module("last_layer", nn.Linear(4, 3))
+        optimizer = utils.build_optimizer(optimizer_name, utils.get_params_groups(model), utils.Accelerator("cpu"))
+        for group in optimizer.param_groups:
+            group["lr"] = 0.05
+        optimizer.param_groups[0]["weight_decay"] = 0.3
+        data = torch.randn(8, 5, 4, generator=torch.Generator().manual_seed(1))
+        for step, x in enumerate(data):
+            optimizer.zero_grad(set_to_none=not in_place)
+            model(x).square().sum().backward()
+            epoch = 0 if step < 5 else 1  # the last layer is frozen in epoch 0
+            frozen = utils.cancel_gradients_last_layer(epoch, model, 1, in_place=in_place)
+            optimizer.step()
+            utils.restore_last_layer(frozen, optimizer)
+        return model.state_dict()
+    reference, combined = run(False), run(True)
+    for key in reference:
+        assert torch.allclose(reference[key], combined[key], rtol=1e-5, atol=1e-7), key
 
 
 def test_gradient_buffers_and_fused_adamw_follow_the_precision_mode():

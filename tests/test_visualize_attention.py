@@ -141,9 +141,8 @@ def test_reference_mask_helpers(tmp_path):
     assert max(map(max, va.random_colors(3, bright=False))) == pytest.approx(0.7)
 
     photo = np.full((20, 30, 3), 100, dtype=np.uint8)
-    out = tmp_path / "mask"  # no extension, as the reference's default name "test"
-    va.display_instances(photo, mask, fname=str(out), figsize=(5, 5), blur=False, contour=True)
-    picture = np.asarray(Image.open(out))
+    va.display_instances(photo, mask, fname=str(tmp_path / "mask"), figsize=(5, 5), blur=False, contour=True)
+    picture = np.asarray(Image.open(tmp_path / "mask.png"))  # the extension added, as matplotlib's savefig
     assert picture.shape == (20, 30, 3)
     assert np.array_equal(picture[0, 0], [100, 100, 100]) and not np.array_equal(picture[10, 15], [100, 100, 100])
     outline = va.mask_outline(mask > 0.5)
