@@ -413,18 +413,29 @@ def bench_step(args, accel):
                   ", torch.compile of each block") if key == "C" else "")
               + (", backbones replayed as CUDA graphs" if key == "G" else ""), flush=True)
 
+    def leave_out_g(err):
+        # G (never run on a GPU before) must not cost the A/B measurement of the same run
+        first_line = str(err).splitlines()[0] if str(err) else type(err).__name__
+        print(f"  G left out: {first_line}", flush=True)
+        del sides["G"]
+        keys.remove("G")
+        fast.remove("G")
+
+    # memory each side holds beyond the shared weights: optimizer state, gradients and CUDA-graph pools, made
+    # during its warm-up, and what one step allocates on top (all sides' weights stay resident in one process)
+    state_mb, step_mb = {}, {key: [] for key in keys}
     for key in list(keys):
+        before = accel.memory_mb()
         try:
             for _ in range(args.warmup if key not in ("C", "G") else max(args.warmup, 2)):  # C compiles, G captures
                 sides[key](images)
-        except UserError as err:
+        except Exception as err:
             if key != "G":
                 raise
-            # a capture that fails must not cost the A/B measurement of the same run
-            print(f"  G left out: {err}", flush=True)
-            del sides[key]
-            keys.remove(key)
-            fast.remove(key)
+            leave_out_g(err)
+            continue
+        accel.synchronize()
+        state_mb[key] = accel.memory_mb() - before if before is not None else None
     flops = step_flops(sides["A"], images)  # explicit attention: every matmul is visible to the counter
 
     results = {key: {"img_s": [], "img_cpu_s": [], "mem_mb": []} for key in keys}
@@ -432,15 +443,24 @@ def bench_step(args, accel):
     cpu_ratios = {key: [] for key in fast}
     for r in range(args.rounds):
         rates, cpu_rates = {}, {}
-        for key in keys:  # A, B(, C), A, B(, C), ...
+        for key in list(keys):  # A, B(, C, G), A, B(, C, G), ...
             accel.reset_peak_memory()
-            elapsed, cpu_elapsed = time_steps(sides[key], images, args.steps, accel)
+            before = accel.memory_mb()
+            try:
+                elapsed, cpu_elapsed = time_steps(sides[key], images, args.steps, accel)
+            except Exception as err:
+                if key != "G":
+                    raise
+                leave_out_g(err)
+                del results["G"], ratios["G"], cpu_ratios["G"]
+                continue
             rates[key] = args.steps * args.batch_size / elapsed
             cpu_rates[key] = args.steps * args.batch_size / max(cpu_elapsed, 1e-9)
             results[key]["img_s"].append(rates[key])
             results[key]["img_cpu_s"].append(cpu_rates[key])
             if accel.kind != "cpu":
                 results[key]["mem_mb"].append(accel.max_memory_mb())
+                step_mb[key].append(accel.max_memory_mb() - before)
         for key in fast:
             ratios[key].append(rates[key] / rates["A"])
             cpu_ratios[key].append(cpu_rates[key] / cpu_rates["A"])
@@ -454,20 +474,10 @@ def bench_step(args, accel):
             grown = cpu_step_memory_mb(sides[key], images)
             results[key]["mem_mb"] = [grown] if grown is not None else []
 
-    profiles = {}
-    for key in keys if args.profile > 0 else ():
-        table, host_ms, device_ms = profile_step(sides[key], images, accel, args.profile)
-        profiles[key] = {"host_ms": host_ms, "device_ms": device_ms}
-        device_text = "" if device_ms is None else f", kernels {device_ms:.1f} ms"
-        print(f"  profile of one step of {key} (wall {host_ms:.1f} ms under the profiler{device_text}):\n{table}",
-              flush=True)
-
     summary = {"what": "step", "device": accel.describe(), "threads": threads, "arch": args.arch,
                "patch_size": args.patch_size, "batch_size": args.batch_size, "out_dim": args.out_dim,
                "crops": sizes, "compile": "C" in sides, "cuda_graph": "G" in sides, "step_gflop": flops / 1e9,
                **{f"{k}_precision": sides[k].mode for k in keys}}
-    if profiles:
-        summary["profile"] = profiles
     print(f"  model FLOPs per step: {flops / 1e9:.1f} GFLOP")
     for key in keys:
         side = sides[key]
@@ -475,12 +485,23 @@ def bench_step(args, accel):
         tflops = flops * rate / args.batch_size / 1e12
         peak = peak_tflops(args, accel, side.mode)
         mem = max(results[key]["mem_mb"]) if results[key]["mem_mb"] else None
-        mem_text = "n/a" if mem is None else (f"{mem:.0f} MB peak allocated" if accel.kind != "cpu"
-                                              else f"{mem:.0f} MB resident growth in one step")
+        own_step = max(step_mb[key]) if step_mb.get(key) else None
+        own_state = state_mb.get(key)
+        own = own_state + own_step if own_state is not None and own_step is not None else None
+        if mem is None:
+            mem_text = "n/a"
+        elif accel.kind == "cpu":
+            mem_text = f"{mem:.0f} MB resident growth in one step"
+        else:
+            mem_text = f"{mem:.0f} MB peak allocated (all sides' weights resident)"
+            if own is not None:
+                mem_text += (f"; its own {own:.0f} MB = state {own_state:.0f} (optimizer, gradients"
+                             + (", graph pools" if key == "G" else "") + f") + step {own_step:.0f}")
         mfu = f", MFU {100 * tflops / peak:.1f}% of {peak:.0f} TFLOP/s" if peak else ""
         print(f"  {key} {side.name}: median {rate:.2f} img/s, {tflops:.3f} TFLOP/s{mfu}, memory {mem_text}")
         summary[key] = {"img_s_median": rate, "img_s_rounds": results[key]["img_s"], "tflops": tflops,
-                        "mfu": tflops / peak if peak else None, "memory_mb": mem,
+                        "mfu": tflops / peak if peak else None, "memory_mb": mem, "memory_own_mb": own,
+                        "memory_state_mb": own_state, "memory_step_mb": own_step,
                         "img_per_cpu_s_rounds": results[key]["img_cpu_s"]}
     for key in fast:
         suffix = "" if key == "B" else f"_{key}"
@@ -493,7 +514,28 @@ def bench_step(args, accel):
         if accel.kind == "cpu":
             print(f"  speed-up {key}/A in CPU time: {median(cpu_ratios[key]):.2f}x (median of per-round ratios; "
                   f"robust to other processes when --threads 1)", flush=True)
+    if args.json:  # the numbers are safe before the profiler runs
+        write_json(args.json, [summary])
+    profiles = {}
+    for key in keys if args.profile > 0 else ():
+        try:
+            table, host_ms, device_ms = profile_step(sides[key], images, accel, args.profile)
+        except Exception as err:
+            print(f"  profile of {key} failed: {str(err).splitlines()[0] if str(err) else type(err).__name__}",
+                  flush=True)
+            continue
+        profiles[key] = {"host_ms": host_ms, "device_ms": device_ms}
+        device_text = "" if device_ms is None else f", kernels {device_ms:.1f} ms"
+        print(f"  profile of one step of {key} (wall {host_ms:.1f} ms under the profiler{device_text}):\n{table}",
+              flush=True)
+    if profiles:
+        summary["profile"] = profiles
     return summary
+
+
+def write_json(path, results):
+    with open(path, "w") as f:
+        json.dump(results, f, indent=1)
 
 
 def _optimizer_kind(optimizer):
@@ -621,8 +663,7 @@ def run(args):
     if args.what in ("data", "all"):
         results.append(bench_data(args))
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump(results, f, indent=1)
+        write_json(args.json, results)
     return results
 
 

@@ -1098,6 +1098,14 @@ class Accelerator(object):
             return torch.npu.max_memory_allocated() / (1024 ** 2)
         return None
 
+    def memory_mb(self):
+        """Memory held by live tensors now (None on CPUs)."""
+        if self.kind == "cuda":
+            return torch.cuda.memory_allocated(self.device) / (1024 ** 2)
+        if self.kind == "npu":
+            return torch.npu.memory_allocated() / (1024 ** 2)
+        return None
+
     def reset_peak_memory(self):
         if self.kind == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)

@@ -3,6 +3,7 @@ torch.cuda.make_graphed_callables is tested with a stand-in that runs the callab
 end run the real capture (test/benchmark_gpu.sh runs them on a GPU machine)."""
 import argparse
 import copy
+import json
 import types
 
 import pytest
@@ -286,3 +287,40 @@ def test_benchmark_leaves_side_g_out_when_its_capture_fails(monkeypatch, capsys)
     assert "G left out: --cuda_graph: capturing the backbones failed (operation not permitted" in out
     assert "G" not in summary and summary["A"]["img_s_median"] > 0 and summary["B"]["img_s_median"] > 0
     assert "speed-up B/A" in out and "G/A" not in out
+
+
+def test_benchmark_leaves_side_g_out_when_it_fails_after_its_capture(monkeypatch, capsys, tmp_path):
+    """An error in a replay (after a good capture, inside a timed round) also costs side G only; the summary and
+    the JSON come before the profiles, so a failing profiler cannot lose them."""
+    monkeypatch.setattr(utils, "cuda_graph_unsupported_reason", lambda *args, **kwargs: None)  # as on a GPU
+    monkeypatch.setattr(utils, "graph_backbones", lambda *args, **kwargs: None)  # "captured"
+    original_step, calls = benchmark.PackageStep.__call__, []
+
+    def replay_fails_after_warmup(self, images):
+        if self.name.endswith("CUDA graphs"):
+            calls.append(1)
+            if len(calls) > 2:  # the two warm-up steps went well
+                raise RuntimeError("CUDA error: an illegal memory access was encountered\nmore detail")
+        return original_step(self, images)
+    monkeypatch.setattr(benchmark.PackageStep, "__call__", replay_fails_after_warmup)
+    original_profile = benchmark.profile_step
+
+    def profiler_fails_for_a(step, images, accel, rows):
+        if isinstance(step, benchmark.ReferenceStep):
+            raise RuntimeError("profiler broke")
+        return original_profile(step, images, accel, rows)
+    monkeypatch.setattr(benchmark, "profile_step", profiler_fails_for_a)
+    json_path = tmp_path / "step.json"
+    args = benchmark.get_args_parser().parse_args(
+        ["--device", "cpu", "--arch", "vit_tiny", "--patch_size", "16", "--out_dim", "64", "--batch_size", "2",
+         "--global_crop_size", "32", "--local_crop_size", "16", "--local_crops_number", "2", "--steps", "1",
+         "--rounds", "2", "--warmup", "0", "--threads", "1", "--cuda_graph", "--profile", "3",
+         "--json", str(json_path)])
+    summary = benchmark.run(args)[0]
+    out = capsys.readouterr().out
+    assert "G left out: CUDA error: an illegal memory access was encountered" in out
+    assert "G" not in summary and len(summary["A"]["img_s_rounds"]) == 2 and len(summary["B"]["img_s_rounds"]) == 2
+    assert out.index("speed-up B/A") < out.index("profile of A failed: profiler broke") < out.index(
+        "profile of one step of B")
+    assert set(summary["profile"]) == {"B"}
+    assert json.loads(json_path.read_text())[0]["B"]["img_s_median"] == summary["B"]["img_s_median"]
