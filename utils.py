@@ -1091,20 +1091,21 @@ class Accelerator(object):
         elif self.kind == "npu":
             torch.npu.synchronize()
 
-    def max_memory_mb(self):
+    def _memory_stat_mb(self, stat):
+        """torch.cuda/npu.<stat>() in MB; None on CPUs."""
         if self.kind == "cuda":
-            return torch.cuda.max_memory_allocated(self.device) / (1024 ** 2)
+            return getattr(torch.cuda, stat)(self.device) / (1024 ** 2)
         if self.kind == "npu":
-            return torch.npu.max_memory_allocated() / (1024 ** 2)
+            return getattr(torch.npu, stat)() / (1024 ** 2)
         return None
 
+    def max_memory_mb(self):
+        """Peak memory of live tensors since reset_peak_memory."""
+        return self._memory_stat_mb("max_memory_allocated")
+
     def memory_mb(self):
-        """Memory held by live tensors now (None on CPUs)."""
-        if self.kind == "cuda":
-            return torch.cuda.memory_allocated(self.device) / (1024 ** 2)
-        if self.kind == "npu":
-            return torch.npu.memory_allocated() / (1024 ** 2)
-        return None
+        """Memory held by live tensors now."""
+        return self._memory_stat_mb("memory_allocated")
 
     def reset_peak_memory(self):
         if self.kind == "cuda":
