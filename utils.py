@@ -1663,7 +1663,7 @@ def load_checkpoint_file(path, map_location="cpu"):
         raise UserError(f"{path} is not a readable checkpoint (truncated or corrupt?): {text}") from err
 
 
-def save_atomic(obj, path):
+def save_atomic(obj, path, **torch_save_kwargs):
     """Writes to a temporary file in the same folder, fsyncs, then renames over `path`.
 
     A crash or a full disk during the save leaves the previous file intact.
@@ -1672,7 +1672,7 @@ def save_atomic(obj, path):
     tmp = os.path.join(folder, f".{os.path.basename(path)}.tmp.{os.getpid()}")
     try:
         with open(tmp, "wb") as f:
-            torch.save(obj, f)
+            torch.save(obj, f, **torch_save_kwargs)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -1709,9 +1709,14 @@ def remove_stale_temporaries(path):
             os.remove(os.path.join(folder, name))
 
 
-def save_on_master(obj, path):
-    if is_main_process():
-        save_atomic(obj, path)
+def save_on_master(obj, f, **kwargs):
+    """torch.save on the main process only, as the reference; a path is written atomically (save_atomic)."""
+    if not is_main_process():
+        return
+    if isinstance(f, (str, os.PathLike)):
+        save_atomic(obj, os.fspath(f), **kwargs)
+    else:
+        torch.save(obj, f, **kwargs)
 
 
 def strip_prefixes(state_dict, prefixes=("module.", "backbone.")):

@@ -139,6 +139,19 @@ def test_kill_during_save_keeps_the_previous_checkpoint(tmp_path):
     assert sorted(os.listdir(tmp_path)) == [live.name, "checkpoint.pth"]
 
 
+def test_save_on_master_takes_torch_saves_arguments(tmp_path):
+    """As the reference's torch.save wrapper: a path (atomically written) or a file object, and save options."""
+    import io
+    utils.save_on_master({"w": torch.arange(3)}, tmp_path / "a.pth", _use_new_zipfile_serialization=False)
+    assert (tmp_path / "a.pth").read_bytes()[:1] == b"\x80"  # the legacy format asked for, not a zip archive
+    assert torch.equal(utils.load_checkpoint_file(str(tmp_path / "a.pth"))["w"], torch.arange(3))
+    buffer = io.BytesIO()
+    utils.save_on_master({"w": torch.ones(2)}, buffer)
+    buffer.seek(0)
+    assert torch.equal(torch.load(buffer, weights_only=True)["w"], torch.ones(2))
+    assert sorted(os.listdir(tmp_path)) == ["a.pth"]
+
+
 def test_full_disk_during_save_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
     path = str(tmp_path / "checkpoint.pth")
     utils.save_atomic({"step": 1}, path)
