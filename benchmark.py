@@ -246,10 +246,7 @@ class PackageStep(object):
         if self.pending_nonfinite is not None and self.pending_nonfinite.get().item():  # the previous step's flag
             raise UserError("this package's step: loss is not finite")
         self.pending_nonfinite = self.accel.host_copy(~torch.isfinite(loss.detach()))
-        self.precision.unscale_(self.optimizer)
-        utils.clip_gradients(self.student, CLIP, fused=True)
-        utils.cancel_gradients_last_layer(EPOCH, self.student, FREEZE_LAST_LAYER)
-        self.precision.step(self.optimizer)
+        main_dino.clip_freeze_and_step(self.precision, self.optimizer, self.student, EPOCH, CLIP, FREEZE_LAST_LAYER)
         self.ema.update(MOMENTUM)
         return loss.detach()
 
@@ -415,8 +412,7 @@ def bench_step(args, accel):
 
     def leave_out_g(err):
         # G (never run on a GPU before) must not cost the A/B measurement of the same run
-        first_line = str(err).splitlines()[0] if str(err) else type(err).__name__
-        print(f"  G left out: {first_line}", flush=True)
+        print(f"  G left out: {first_line(err)}", flush=True)
         del sides["G"]
         keys.remove("G")
         fast.remove("G")
@@ -521,8 +517,7 @@ def bench_step(args, accel):
         try:
             table, host_ms, device_ms = profile_step(sides[key], images, accel, args.profile)
         except Exception as err:
-            print(f"  profile of {key} failed: {str(err).splitlines()[0] if str(err) else type(err).__name__}",
-                  flush=True)
+            print(f"  profile of {key} failed: {first_line(err)}", flush=True)
             continue
         profiles[key] = {"host_ms": host_ms, "device_ms": device_ms}
         device_text = "" if device_ms is None else f", kernels {device_ms:.1f} ms"
@@ -531,6 +526,10 @@ def bench_step(args, accel):
     if profiles:
         summary["profile"] = profiles
     return summary
+
+
+def first_line(err):
+    return str(err).splitlines()[0] if str(err) else type(err).__name__
 
 
 def write_json(path, results):

@@ -53,6 +53,10 @@ def _list_torchvision_archs():
 torchvision_archs = _list_torchvision_archs()  # a list, as in the reference
 
 
+def unknown_arch(arch):
+    return UserError(f"unknown --arch {arch!r}: use {', '.join(VIT_ARCHS)} or a torchvision model such as resnet50")
+
+
 class OneLineErrorParser(argparse.ArgumentParser):
     """argparse, but a bad flag is reported on one line (no usage dump)."""
     def error(self, message):
@@ -186,8 +190,7 @@ def validate_args(args):
     """Rejects impossible settings before any work starts."""
     arch = args.arch.replace("deit", "vit")
     if arch not in VIT_ARCHS and arch not in torchvision_archs and not arch.startswith("xcit"):
-        raise UserError(f"unknown --arch {args.arch!r}: use {', '.join(VIT_ARCHS)} or a torchvision model "
-                        f"such as resnet50")
+        raise unknown_arch(args.arch)
     if args.batch_size_per_gpu < 1:
         raise UserError(f"--batch_size_per_gpu must be at least 1 (got {args.batch_size_per_gpu})")
     if args.epochs < 1:
@@ -502,8 +505,7 @@ def build_backbone(arch, patch_size, drop_path_rate=0.0):
         if not isinstance(fc, nn.Linear):
             raise UserError(f"--arch {arch} has no final `fc` layer; use a ViT or a ResNet-like model")
         return model, fc.weight.shape[1]
-    raise UserError(f"unknown --arch {arch!r}: use {', '.join(VIT_ARCHS)} or a torchvision model "
-                    f"such as resnet50")
+    raise unknown_arch(arch)
 
 
 def build_student_teacher(args):
@@ -589,6 +591,16 @@ def set_rng_state(state, accel):
     accel.set_rng_state(state["device"])
 
 
+def clip_freeze_and_step(precision, optimizer, student, epoch, clip_grad, freeze_last_layer):
+    """After the backward: per-parameter clipping, the last layer kept out in its frozen epochs, the step."""
+    if clip_grad:
+        precision.unscale_(optimizer)
+        utils.clip_gradients(student, clip_grad, fused=True)
+    frozen = utils.cancel_gradients_last_layer(epoch, student, freeze_last_layer, in_place=precision.combined_grads)
+    precision.step(optimizer)
+    utils.restore_last_layer(frozen, optimizer)
+
+
 def train_one_epoch(student, teacher, teacher_without_ddp, dino_loss, data_loader, optimizer, lr_schedule,
                     wd_schedule, momentum_schedule, epoch, fp16_scaler, args):
     """The reference's epoch loop, for scripts that build their own models and loader; returns the averaged
@@ -612,19 +624,14 @@ def train_one_epoch(student, teacher, teacher_without_ddp, dino_loss, data_loade
                 teacher_output = teacher(images[:2])  # only the 2 global views pass through the teacher
             student_output = student(images)
             loss = dino_loss(student_output, teacher_output, epoch)
-        if not math.isfinite(loss.item()):
-            raise UserError(f"loss is {loss.item()} at epoch {epoch}, global step {it}; stopping training")
+        loss_value = loss.item()
+        if not math.isfinite(loss_value):
+            raise UserError(f"loss is {loss_value} at epoch {epoch}, global step {it}; stopping training")
         precision.zero_grad(optimizer)
         precision.backward(loss, optimizer)
-        if args.clip_grad:
-            precision.unscale_(optimizer)
-            utils.clip_gradients(student_core, args.clip_grad, fused=True)
-        frozen = utils.cancel_gradients_last_layer(epoch, student_core, args.freeze_last_layer,
-                                                   in_place=precision.combined_grads)
-        precision.step(optimizer)
-        utils.restore_last_layer(frozen, optimizer)
+        clip_freeze_and_step(precision, optimizer, student_core, epoch, args.clip_grad, args.freeze_last_layer)
         ema.update(float(momentum_schedule[it]))
-        metric_logger.update(loss=loss.item())
+        metric_logger.update(loss=loss_value)
         metric_logger.update(lr=optimizer.param_groups[0]["lr"])
         metric_logger.update(wd=optimizer.param_groups[0]["weight_decay"])
     metric_logger.synchronize_between_processes()
@@ -747,7 +754,8 @@ class Trainer(object):
         saved_args = ckpt.get('args')  # a dict here, a Namespace in the reference's checkpoints
         saved_optimizer = (saved_args.get('optimizer') if isinstance(saved_args, dict)
                            else getattr(saved_args, 'optimizer', None))
-        if saved_optimizer and OPTIMIZER_STATE_KIND.get(saved_optimizer) != OPTIMIZER_STATE_KIND.get(self.args.optimizer):
+        state_kind = OPTIMIZER_STATE_KIND.get
+        if saved_optimizer and state_kind(saved_optimizer) != state_kind(self.args.optimizer):
             raise UserError(f"{self.ckpt_path} was trained with --optimizer {saved_optimizer}, whose state "
                             f"{self.args.optimizer} cannot take over; resume with --optimizer {saved_optimizer} "
                             f"or use another --output_dir")
@@ -867,13 +875,8 @@ class Trainer(object):
             if self.pending_nonfinite is not None:
                 self.stop_if_nonfinite(*self.pending_nonfinite)
             self.pending_nonfinite = (self.nonfinite_flag(loss), loss.detach(), epoch, it)
-            if args.clip_grad:
-                self.precision.unscale_(self.optimizer)
-                utils.clip_gradients(self.student_core, args.clip_grad, fused=True)
-            frozen = utils.cancel_gradients_last_layer(epoch, self.student_core, args.freeze_last_layer,
-                                                       in_place=self.precision.combined_grads)
-            self.precision.step(self.optimizer)
-            utils.restore_last_layer(frozen, self.optimizer)
+            clip_freeze_and_step(self.precision, self.optimizer, self.student_core, epoch, args.clip_grad,
+                                 args.freeze_last_layer)
             self.ema.update(float(self.momentum_schedule[it]))
 
             metric_logger.update(loss=loss.detach(), **{k: v for k, v in self.dino_loss.last_stats.items()})

@@ -792,6 +792,7 @@ def compute_map(ranks, gnd, kappas=[]):
     prs = np.zeros((queries, len(kappas)))
     pr = np.zeros(len(kappas))
     mean_ap, nonempty = 0., 0
+    ranks = np.asarray(ranks)
     for i in range(queries):
         positives = np.array(gnd[i]['ok'])
         if positives.shape[0] == 0:
@@ -800,7 +801,7 @@ def compute_map(ranks, gnd, kappas=[]):
             continue
         nonempty += 1
         junk = np.array(gnd[i].get('junk', []))
-        order = np.asarray(ranks)[:, i]
+        order = ranks[:, i]
         pos = np.flatnonzero(np.isin(order, positives))
         junk_pos = np.flatnonzero(np.isin(order, junk))
         pos = pos - np.searchsorted(junk_pos, pos)  # the junk ranked before a positive does not count
@@ -1581,7 +1582,7 @@ def init_distributed_mode(args):
     accel = Accelerator.create(getattr(args, "device", "auto"), local_rank, wrap_index=under_slurm)
     args.rank, args.world_size, args.gpu = rank, world_size, accel.index
     if world_size > 1:
-        if "SLURM_PROCID" in os.environ and "RANK" not in os.environ:
+        if under_slurm:
             os.environ.setdefault("MASTER_ADDR", _slurm_master_addr())
             os.environ.setdefault("MASTER_PORT", "29500")
         timeout = datetime.timedelta(seconds=getattr(args, "dist_timeout", 1800))
@@ -1699,14 +1700,12 @@ def remove_stale_temporaries(path):
         if not name.startswith(prefix) or not pid.isdigit() or int(pid) == os.getpid():
             continue
         try:
-            os.kill(int(pid), 0)
-            continue  # a live process may still be writing it
+            os.kill(int(pid), 0)  # no error: a live process may still be writing it
         except ProcessLookupError:
-            pass
+            with contextlib.suppress(OSError):
+                os.remove(os.path.join(folder, name))
         except OSError:
-            continue
-        with contextlib.suppress(OSError):
-            os.remove(os.path.join(folder, name))
+            pass  # another user's live process
 
 
 def save_on_master(obj, f, **kwargs):

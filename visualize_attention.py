@@ -165,9 +165,14 @@ def colorize(values):
     return (rgb * 255 + 0.5).astype(np.uint8)
 
 
+def even_hues(count, brightness=1.0):
+    """`count` evenly spaced saturated hues, RGB in [0, 1]."""
+    return [colorsys.hsv_to_rgb(i / max(count, 1), 1.0, brightness) for i in range(count)]
+
+
 def head_colors(count):
-    """Evenly spaced bright hues, one per head."""
-    return [tuple(int(255 * c) for c in colorsys.hsv_to_rgb(i / max(count, 1), 1.0, 1.0)) for i in range(count)]
+    """Evenly spaced bright hues, one per head, RGB in 0-255."""
+    return [tuple(int(255 * c) for c in rgb) for rgb in even_hues(count)]
 
 
 def apply_mask(image, mask, color, alpha=0.5):
@@ -180,8 +185,7 @@ def apply_mask(image, mask, color, alpha=0.5):
 
 def random_colors(N, bright=True):
     """The reference's helper: N evenly spaced hues (RGB in [0, 1]) in random order."""
-    brightness = 1.0 if bright else 0.7
-    colors = [colorsys.hsv_to_rgb(i / N, 1, brightness) for i in range(N)]
+    colors = even_hues(N, 1.0 if bright else 0.7)
     random.shuffle(colors)
     return colors
 
@@ -213,8 +217,9 @@ def box_blur(values, size=10):
 
 def display_instances(image, mask, fname="test", figsize=(5, 5), blur=False, contour=True, alpha=0.5):
     """The reference's picture of one mask over an image, written to `fname` (.png added without an extension)
-    with PIL instead of matplotlib: a random bright colour, the mask box-blurred with `blur`, its outline with `contour`. The
-    picture keeps the image's pixel size; `figsize` is accepted for scripts written for the reference."""
+    with PIL instead of matplotlib: a random bright colour, the mask box-blurred with `blur`, its outline with
+    `contour`. The picture keeps the image's pixel size; `figsize` is accepted for scripts written for the
+    reference."""
     color = random_colors(1)[0]
     mask = np.asarray(mask, dtype=np.float32)
     if blur:

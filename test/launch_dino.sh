@@ -5,7 +5,8 @@
 #
 # Any other --flag=value (or --flag value) goes to main_dino.py and overrides the defaults below; eval-only
 # flags (--nb_knn, --temperature, --use_cuda, --checkpoint_key, --dump_features, --load_features, --crop_size,
-# --resize_size, --eval_batch_size) go to eval_knn.py; --arch, --patch_size, --device, --num_workers, --bin, --dist_timeout go to both.
+# --resize_size, --eval_batch_size) go to eval_knn.py; --arch, --patch_size, --device, --num_workers, --bin,
+# --dist_timeout go to both.
 # --nproc=N sets the number of processes; --dry_run prints the commands without running them.
 set -u
 
