@@ -79,6 +79,10 @@ def get_args_parser():
     p.add_argument("--steps", default=5, type=int, help="timed steps of each side per round")
     p.add_argument("--warmup", default=2, type=int, help="untimed steps of each side before the rounds")
     p.add_argument("--rounds", default=5, type=int, help="A,B alternations; medians over rounds")
+    p.add_argument("--round_warmup", default=0, type=int,
+                   help="untimed steps of each side right before its timed steps in every round, so that these "
+                        "follow the side's own step, as in training, not the other side's (memory the other "
+                        "side freed and the host took back, caches); 0: plain alternation")
     p.add_argument("--compile", action="store_true",
                    help="add side C: B with main_dino.py --compile (each transformer block compiled)")
     p.add_argument("--cuda_graph", action="store_true",
@@ -396,7 +400,9 @@ def bench_step(args, accel):
     threads = torch.get_num_threads() if accel.kind == "cpu" else None
     print(f"step: {args.arch}/{args.patch_size}, batch {args.batch_size}, crops 2x{args.global_crop_size}"
           f" + {args.local_crops_number}x{args.local_crop_size}, out_dim {args.out_dim}, on "
-          f"{accel.describe()}" + (f" ({threads} threads)" if threads else ""), flush=True)
+          f"{accel.describe()}" + (f" ({threads} threads)" if threads else "")
+          + (f"; in every round, {args.round_warmup} untimed step(s) of each side before its timed ones"
+             if args.round_warmup else ""), flush=True)
     print(f"  A {sides['A'].name}: {sides['A'].mode}, explicit attention, last block for every token, drop path masks "
           f"branches, weight-norm weight built, loss double loop, per-parameter clip/EMA loops, AdamW(foreach=False)")
     for key in fast:
@@ -443,6 +449,8 @@ def bench_step(args, accel):
             accel.reset_peak_memory()
             before = accel.memory_mb()
             try:
+                for _ in range(args.round_warmup):
+                    sides[key](images)
                 elapsed, cpu_elapsed = time_steps(sides[key], images, args.steps, accel)
             except Exception as err:
                 if key != "G":
@@ -472,7 +480,8 @@ def bench_step(args, accel):
 
     summary = {"what": "step", "device": accel.describe(), "threads": threads, "arch": args.arch,
                "patch_size": args.patch_size, "batch_size": args.batch_size, "out_dim": args.out_dim,
-               "crops": sizes, "compile": "C" in sides, "cuda_graph": "G" in sides, "step_gflop": flops / 1e9,
+               "crops": sizes, "round_warmup": args.round_warmup, "compile": "C" in sides,
+               "cuda_graph": "G" in sides, "step_gflop": flops / 1e9,
                **{f"{k}_precision": sides[k].mode for k in keys}}
     print(f"  model FLOPs per step: {flops / 1e9:.1f} GFLOP")
     for key in keys:
@@ -653,8 +662,8 @@ def run(args):
     for name in ("batch_size", "steps", "rounds", "data_images", "out_dim", "patch_size"):
         if getattr(args, name) < 1:
             raise UserError(f"--{name} must be at least 1")
-    if args.warmup < 0 or args.local_crops_number < 0:
-        raise UserError("--warmup and --local_crops_number must be 0 or more")
+    if min(args.warmup, args.round_warmup, args.local_crops_number) < 0:
+        raise UserError("--warmup, --round_warmup and --local_crops_number must be 0 or more")
     results = []
     if args.what in ("step", "all"):
         accel = utils.Accelerator.create(args.device)

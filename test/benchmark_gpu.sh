@@ -9,8 +9,9 @@
 #      without G;
 #   3. the same with --amp (B and G in bf16);
 #   4. a 40-step main_dino.py --synthetic --amp run, to check the trainer end to end;
-#   5. when the host CPU has AMX: the CPU step of BENCHMARKS.md with --amp (bf16 on AMX) on 2 threads,
-#      the AMX target, which the development machines cannot measure;
+#   5. when the host CPU has AMX: the CPU step of BENCHMARKS.md with --amp (bf16 on AMX) on 2 threads, each
+#      side's timed step after an untimed one of its own (--round_warmup 1), the AMX target, which the
+#      development machines cannot measure;
 #   6. with 140 s to spare, 100 steps of main_dino.py on real JPEGs (the loader's workers included), with the
 #      default and the --use_color_jitter_opti pipeline;
 #   7. with AMX and 150 s to spare, step 5 again with side C (compiled blocks).
@@ -109,8 +110,10 @@ timed train 100 "$PYTHON" main_dino.py --synthetic --device cuda --arch vit_smal
     --output_dir "${TMPDIR:-/tmp}/dino_gpu_check" || status=1
 amx_cores=$(grep -c -w amx_bf16 /proc/cpuinfo 2>/dev/null)
 if [ "${amx_cores:-0}" -gt 0 ]; then
-    timed cpu_amx_bf16 80 "$PYTHON" benchmark.py --what step --device cpu --threads 2 --batch_size 4 --steps 1 \
-        --rounds 5 --warmup 1 --amp --json "$json_dir/cpu_amx_bf16.json" || status=1
+    # --round_warmup 1: each side's timed step follows its own, as in training (on these hosts B alone took
+    # 0.97 s a step, 1.37-1.67 s right after A's)
+    timed cpu_amx_bf16 100 "$PYTHON" benchmark.py --what step --device cpu --threads 2 --batch_size 4 --steps 1 \
+        --rounds 5 --warmup 1 --round_warmup 1 --amp --json "$json_dir/cpu_amx_bf16.json" || status=1
 fi
 # Real JPEGs through the loader's workers (uint8 crops, normalized on the GPU), as the seed's figures were taken:
 # 6400 links to scikit-image's three photos, 100 steps of 64, default and --use_color_jitter_opti pipelines.
@@ -147,7 +150,7 @@ if [ "${amx_cores:-0}" -gt 0 ]; then
     # elementwise work of the compiled blocks weighs more (compiling takes about a minute on 2 threads)
     if [ $(( budget - SECONDS )) -ge 150 ]; then
         timed cpu_amx_bf16_compiled 150 "$PYTHON" benchmark.py --what step --device cpu --threads 2 --batch_size 4 \
-            --steps 1 --rounds 4 --warmup 1 --amp --compile --json "$json_dir/cpu_amx_bf16_compiled.json" || status=1
+            --steps 1 --rounds 4 --warmup 1 --round_warmup 1 --amp --compile --json "$json_dir/cpu_amx_bf16_compiled.json" || status=1
     fi
 else
     echo "CPU AMX step skipped: this host's CPU has no AMX"

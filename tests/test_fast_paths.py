@@ -537,6 +537,37 @@ def test_benchmark_script_reports_both_sides(photos_dir, tmp_path):
         assert data[name]["img_s_cpu"] > 0
 
 
+@pytest.mark.parametrize("round_warmup", [0, 1])
+def test_benchmark_round_warmup_runs_untimed_steps_of_each_side_before_its_timed_ones(monkeypatch, round_warmup):
+    """--round_warmup N: in every round each side first runs N untimed steps, so that its timed steps follow its
+    own step; the timed steps stay --steps."""
+    calls, timed = [], []
+    for cls, key in ((benchmark.ReferenceStep, "A"), (benchmark.PackageStep, "B")):
+        def counting(self, images, _original=cls.__call__, _key=key):
+            calls.append(_key)
+            return _original(self, images)
+        monkeypatch.setattr(cls, "__call__", counting)
+    original_time_steps = benchmark.time_steps
+
+    def recording_time_steps(step, images, n, accel):
+        timed.append((len(calls), n))
+        return original_time_steps(step, images, n, accel)
+    monkeypatch.setattr(benchmark, "time_steps", recording_time_steps)
+    args = benchmark.get_args_parser().parse_args(
+        ["--what", "step", "--device", "cpu", "--arch", "vit_tiny", "--patch_size", "16", "--out_dim", "64",
+         "--batch_size", "2", "--global_crop_size", "32", "--local_crop_size", "16", "--local_crops_number", "2",
+         "--steps", "1", "--rounds", "2", "--warmup", "0", "--threads", "1", "--round_warmup", str(round_warmup)])
+    summary = benchmark.run(args)[0]
+    per_side = ["A"] * (round_warmup + 1) + ["B"] * (round_warmup + 1)
+    # the FLOP count (one step of A), the rounds, then one step of each side for its memory
+    assert calls == ["A"] + per_side * 2 + ["A", "B"]
+    # each timed call starts after the side's untimed steps of its round and times --steps steps
+    starts = [1 + round_warmup, 1 + 2 * round_warmup + 1]
+    starts += [s + len(per_side) for s in starts]
+    assert timed == [(s, 1) for s in starts]
+    assert summary["round_warmup"] == round_warmup and len(summary["B"]["img_s_rounds"]) == 2
+
+
 def test_benchmark_kernel_time_counts_device_events_once():
     """--profile's kernel time on GPUs: kernels and copies once, not again through the CPU ops that launched
     them, and not the annotated spans (the optimizer step's) that contain them, as the profiler's own table."""
@@ -555,6 +586,8 @@ def test_benchmark_bad_input_is_one_line_error(tmp_path):
     assert proc.stderr.strip().count("\n") == 0 and "--photos_dir is not a folder" in proc.stderr
     with pytest.raises(utils.UserError, match="--steps must be at least 1"):
         benchmark.run(benchmark.get_args_parser().parse_args(["--steps", "0"]))
+    with pytest.raises(utils.UserError, match="--round_warmup and --local_crops_number must be 0 or more"):
+        benchmark.run(benchmark.get_args_parser().parse_args(["--round_warmup", "-1"]))
 
 
 def test_drop_path_under_the_compiler_reads_its_rate_from_a_buffer_with_the_same_maths():
