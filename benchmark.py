@@ -19,7 +19,7 @@
     forward, the loss as a double loop over view pairs, per-parameter clipping and EMA loops with host syncs,
     AdamW without foreach, fp16 autocast with a GradScaler on GPUs and fp32 on CPUs) and B) as this package's
     trainer does (SDPA attention, explicit on CPUs in bf16, the last block for the class token only, on CPUs
-    the branches of the samples drop path keeps only, the head's outputs scaled (and the norm's gradient added in
+    the branches of the samples drop path keeps only and oneDNN's fp32 linear layers (x86), the head's outputs scaled (and the norm's gradient added in
     place), the loss as one matmul, fused clipping and EMA, the fastest exact AdamW, the precision of
     utils.resolve_precision_mode).
     Same initial weights, crops and batch; A and B alternate (A, B, A, B, ...), medians reported.
@@ -162,13 +162,16 @@ def set_lr_and_wd(optimizer):
 
 
 def set_backbone_fast_paths(backbone, enabled):
-    """SDPA attention, q/k/v by unbind, the class-token-only last block and drop path's sample skipping, or the
-    reference's forms."""
+    """SDPA attention, q/k/v by unbind, the class-token-only last block, drop path's sample skipping and oneDNN's
+    fp32 linear layers on CPUs, or the reference's forms."""
     backbone.set_fused_attention(enabled)
     backbone.last_block_cls_only = enabled
     for block in backbone.blocks:
         block.skip_dropped_samples = enabled
         block.attn.unbind_qkv = enabled
+    for module in backbone.modules():
+        if isinstance(module, vits.Linear):
+            module.onednn_on_cpu = enabled
 
 
 class ReferenceStep(object):
@@ -409,7 +412,9 @@ def bench_step(args, accel):
         side = sides[key]
         dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(side.mode, torch.float32)
         attention = "SDPA attention" if vits.Attention.sdpa_suits(accel.kind, dtype) else "explicit attention"
-        print(f"  {key} {side.name}: {side.mode}, {attention}, last block for the class token, "
+        onednn = (", oneDNN linear layers" if accel.kind == "cpu" and side.mode == "fp32" and vits._onednn_linear
+                  and key != "C" else "")
+        print(f"  {key} {side.name}: {side.mode}, {attention}{onednn}, last block for the class token, "
               f"drop path skips samples (CPU), weight-norm by output scaling (hand-written backward), DINOLoss matmul, "
               f"fused clip/EMA, {type(side.optimizer).__name__}({_optimizer_kind(side.optimizer)})"
               + ((", torch.compile of each block's attention and MLP" if accel.kind == "cpu" else

@@ -19,6 +19,8 @@ its released checkpoints load with strict=True.
 """
 import contextlib
 import math
+import platform
+import warnings
 from functools import partial
 
 import torch
@@ -99,14 +101,82 @@ def _linear_output_dtype(x):
     return x.dtype
 
 
+def _find_onednn_linear():
+    """oneDNN's matrix product with bias (the op torch's CPU compiler uses), or None where this torch or CPU
+    lacks it. Only on x86: elsewhere torch's oneDNN may sit on other backends, not measured here."""
+    if platform.machine().lower() not in ("x86_64", "amd64") or not torch.backends.mkldnn.is_available():
+        return None
+    try:
+        return torch.ops.mkldnn._linear_pointwise
+    except (AttributeError, RuntimeError):
+        return None
+
+
+_onednn_linear = _find_onednn_linear()
+
+
+class _OneDnnLinearFunction(torch.autograd.Function):
+    """x W^T + b by oneDNN, and x's gradient g W by oneDNN too; W's gradient g^T x stays torch's (MKL's), which is
+    the faster there (BENCHMARKS.md)."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias):
+        ctx.save_for_backward(x, weight)
+        ctx.has_bias = bias is not None
+        return _onednn_linear(x, weight, bias, "none", [], "")
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, weight = ctx.saved_tensors
+        grad = grad.contiguous()
+        grad_x = grad_weight = grad_bias = None
+        if ctx.needs_input_grad[0]:
+            grad_x = _onednn_linear(grad, weight.t().contiguous(), None, "none", [], "")
+        if ctx.needs_input_grad[1]:
+            grad_weight = grad.t().mm(x)
+        if ctx.has_bias and ctx.needs_input_grad[2]:
+            grad_bias = grad.sum(0)
+        return grad_x, grad_weight, grad_bias
+
+
+class Linear(nn.Linear):
+    """nn.Linear (the same parameters, names and maths) whose fp32 product on x86 CPUs, forward and input
+    gradient, runs oneDNN's kernel instead of MKL's: 5 % off the fp32 CPU training step on Zen 4 (BENCHMARKS.md),
+    results equal up to rounding order. Autocast, other devices and dtypes, the compiler and non-contiguous inputs
+    take nn.Linear's path. False (on the class or one layer): always nn.Linear's path."""
+    onednn_on_cpu = True
+
+    def forward(self, x):
+        if self._onednn_suits(x):
+            try:
+                out = _OneDnnLinearFunction.apply(x.reshape(-1, x.shape[-1]), self.weight, self.bias)
+                return out.reshape(*x.shape[:-1], out.shape[-1])
+            except (RuntimeError, TypeError) as err:  # an op of another signature in some torch build
+                _disable_onednn_linear(err)
+        return F.linear(x, self.weight, self.bias)
+
+    def _onednn_suits(self, x):
+        return (self.onednn_on_cpu and _onednn_linear is not None and torch.backends.mkldnn.enabled
+                and x.device.type == "cpu" and x.dtype == torch.float32 and self.weight.dtype == torch.float32
+                and x.dim() >= 2 and x.numel() > 0 and x.is_contiguous() and not _compiling()
+                and _linear_output_dtype(x) == torch.float32)
+
+
+def _disable_onednn_linear(err):
+    global _onednn_linear
+    _onednn_linear = None
+    warnings.warn(f"oneDNN's linear kernel failed ({str(err).splitlines()[0] if str(err) else type(err).__name__}); "
+                  f"using torch's for the rest of the run")
+
+
 class Mlp(nn.Module):
     def __init__(self, in_features, hidden_features=None, out_features=None, act_layer=nn.GELU, drop=0.):
         super().__init__()
         out_features = out_features or in_features
         hidden_features = hidden_features or in_features
-        self.fc1 = nn.Linear(in_features, hidden_features)
+        self.fc1 = Linear(in_features, hidden_features)
         self.act = act_layer()
-        self.fc2 = nn.Linear(hidden_features, out_features)
+        self.fc2 = Linear(hidden_features, out_features)
         self.drop = nn.Dropout(drop)
 
     def forward(self, x):
@@ -126,9 +196,9 @@ class Attention(nn.Module):
         self.num_heads = num_heads
         head_dim = dim // num_heads
         self.scale = qk_scale or head_dim ** -0.5
-        self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
+        self.qkv = Linear(dim, dim * 3, bias=qkv_bias)
         self.attn_drop = nn.Dropout(attn_drop)
-        self.proj = nn.Linear(dim, dim)
+        self.proj = Linear(dim, dim)
         self.proj_drop = nn.Dropout(proj_drop)
         # Set to False to force the explicit softmax path (benchmarks, equivalence tests).
         self.use_sdpa = True

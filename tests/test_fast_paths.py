@@ -2,6 +2,7 @@
 import copy
 import json
 import os
+import platform
 import random
 
 import numpy as np
@@ -117,6 +118,86 @@ def test_attention_on_cpu_uses_sdpa_in_fp32_and_the_explicit_path_in_bf16(one_th
             (n, grads_fp32[n], grads_explicit[n], grads_sdpa[n]) for n in grads_fp32]:
         bound = max(2 * error(fused, expected), 0.01 * float(expected.abs().max()))
         assert error(explicit, expected) <= bound, name
+
+
+def _linear_outputs_and_grads(layer, x):
+    x = x.detach().clone().requires_grad_(True)
+    layer.zero_grad(set_to_none=True)
+    out = layer(x)
+    out.backward(torch.linspace(-1, 1, out.numel()).reshape(out.shape))
+    return [out.detach(), x.grad] + [p.grad for p in layer.parameters()]
+
+
+@pytest.mark.skipif(vits._onednn_linear is None, reason="oneDNN's linear kernel: x86 CPUs with torch's oneDNN")
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("shape", [(37, 48), (4, 37, 48)])
+def test_onednn_linear_matches_nn_linear_in_fp32(one_thread, monkeypatch, bias, shape):
+    """vits.Linear's fp32 CPU path (oneDNN's product for the output and the input gradient) gives nn.Linear's
+    numbers to rounding, the same weight gradient to the bit, the same numbers on every run, and nn.Linear's
+    parameters."""
+    calls = []
+    kernel = vits._onednn_linear
+    monkeypatch.setattr(vits, "_onednn_linear", lambda *a: calls.append(1) or kernel(*a))
+    torch.manual_seed(0)
+    layer = vits.Linear(48, 96, bias=bias)
+    plain = nn.Linear(48, 96, bias=bias)
+    plain.load_state_dict(layer.state_dict())
+    assert list(layer.state_dict()) == list(plain.state_dict())
+    x = torch.randn(*shape)
+    fast = _linear_outputs_and_grads(layer, x)
+    assert len(calls) == 2  # the forward and the input gradient
+    again = _linear_outputs_and_grads(layer, x)
+    reference = _linear_outputs_and_grads(plain, x)
+    for got, rerun, want in zip(fast, again, reference):
+        assert torch.equal(got, rerun)
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    assert torch.equal(fast[2], reference[2])  # the weight gradient is torch's product
+    with torch.no_grad():  # the teacher's forward
+        torch.testing.assert_close(layer(x), plain(x), rtol=1e-5, atol=1e-5)
+
+
+def test_onednn_linear_is_used_only_where_it_suits(monkeypatch):
+    """Autocast, other dtypes, non-contiguous inputs, the switch off, oneDNN disabled or missing: nn.Linear's path
+    and its exact numbers; a kernel that fails warns once and leaves the rest of the run on nn.Linear's path."""
+    calls = []
+    monkeypatch.setattr(vits, "_onednn_linear", lambda *a: calls.append(1) or torch.ops.mkldnn._linear_pointwise(*a))
+    torch.manual_seed(0)
+    layer = vits.Linear(16, 8)
+    x = torch.randn(5, 16)
+
+    def plain_path(x):
+        calls.clear()
+        out = layer(x)
+        return not calls and torch.equal(out, torch.nn.functional.linear(x, layer.weight, layer.bias))
+    if platform.machine().lower() in ("x86_64", "amd64") and torch.backends.mkldnn.is_available():
+        assert not plain_path(x)  # fp32 on an x86 CPU: oneDNN
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert plain_path(x)
+    assert plain_path(torch.randn(16, 5).t())  # non-contiguous
+    with torch.backends.mkldnn.flags(enabled=False):
+        assert plain_path(x)
+    layer.onednn_on_cpu = False
+    assert plain_path(x)
+    layer.onednn_on_cpu = True
+    monkeypatch.setattr(vits, "_onednn_linear", None)  # non-x86, or a torch without the op
+    assert plain_path(x)
+
+    def failing(*args):
+        calls.append(1)
+        raise RuntimeError("mkldnn::_linear_pointwise() Expected 6 arguments\nmore")
+    monkeypatch.setattr(vits, "_onednn_linear", failing)
+    with pytest.warns(UserWarning, match="oneDNN's linear kernel failed .*Expected 6 arguments.*; using torch's"):
+        out = layer(x)
+    assert torch.equal(out, torch.nn.functional.linear(x, layer.weight, layer.bias))
+    assert vits._onednn_linear is None  # disabled for the rest of the run
+
+
+def test_vision_transformer_linear_layers_are_vits_linear_under_the_reference_names():
+    model = vits.vit_tiny(patch_size=16)
+    kinds = {name: type(m) for name, m in model.named_modules() if isinstance(m, nn.Linear)}
+    assert kinds and all(kind is vits.Linear for kind in kinds.values())
+    assert {"blocks.0.attn.qkv", "blocks.0.attn.proj", "blocks.0.mlp.fc1", "blocks.0.mlp.fc2"} <= set(kinds)
+    assert "blocks.0.attn.qkv.weight" in model.state_dict()
 
 
 @pytest.mark.parametrize("fused", [False, True])
