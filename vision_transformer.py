@@ -131,7 +131,7 @@ class _OneDnnLinearFunction(torch.autograd.Function):
         grad = grad.contiguous()
         grad_x = grad_weight = grad_bias = None
         if ctx.needs_input_grad[0]:
-            grad_x = _onednn_linear(grad, weight.t().contiguous(), None, "none", [], "")
+            grad_x = _onednn_linear(grad, weight.t(), None, "none", [], "")  # reads W transposed in place
         if ctx.needs_input_grad[1]:
             grad_weight = grad.t().mm(x)
         if ctx.has_bias and ctx.needs_input_grad[2]:

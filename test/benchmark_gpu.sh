@@ -14,7 +14,8 @@
 #      development machines cannot measure;
 #   6. with 140 s to spare, 100 steps of main_dino.py on real JPEGs (the loader's workers included), with the
 #      default and the --use_color_jitter_opti pipeline;
-#   7. with AMX and 150 s to spare, step 5 again with side C (compiled blocks).
+#   7. with 50 s to spare, the fp32 CPU step (2 threads; B with oneDNN's linear layers on an Intel CPU);
+#   8. with AMX and 150 s to spare, step 5 again with side C (compiled blocks).
 # A failure never ends the run: every later stage still runs and every log comes back. A stage that would
 # start with under 20 s of the budget left (45 s for the JPEG runs) is skipped. COMPILE=1 adds side C.
 # Logs go to the folder given as the first argument (default: test/output/gpu_bench), the JSON results
@@ -67,7 +68,7 @@ graph=(--cuda_graph)
 finish() {
     trap - TERM INT
     grep -h -e "speed-up" -e "median" -e "MFU" -e "left out" "$out_dir"/step_*.log "$json_dir"/step_*.log \
-        "$out_dir"/cpu_*.log 2>/dev/null
+        "$out_dir"/cpu_*.log "$json_dir"/cpu_*.log 2>/dev/null
     grep -h "Training throughput" "$out_dir/train.log" 2>/dev/null
     for log in "$json_dir"/train_jpeg_*.log; do  # the last logged step time: a mean over 20 steps, so it
         [ -f "$log" ] && echo "$(basename "$log"): $(grep "time:" "$log" | tail -n 1)"  # is past the prefetch
@@ -145,6 +146,12 @@ PY
     done
     logs_to=$out_dir
 fi
+# The fp32 CPU step (B with oneDNN's linear layers, measured so far on AMD only) on this host's Intel CPU;
+# its log travels in json.tar.
+logs_to=$json_dir
+min_s=50 timed cpu_fp32 80 "$PYTHON" benchmark.py --what step --device cpu --threads 2 --batch_size 4 --steps 1 \
+    --rounds 3 --warmup 1 --json "$json_dir/cpu_fp32.json" || status=1
+logs_to=$out_dir
 if [ "${amx_cores:-0}" -gt 0 ]; then
     # with time to spare, the same with side C: where AMX makes the matrix products cheap, the fused
     # elementwise work of the compiled blocks weighs more (compiling takes about a minute on 2 threads)
