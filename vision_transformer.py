@@ -141,9 +141,9 @@ class _OneDnnLinearFunction(torch.autograd.Function):
 
 class Linear(nn.Linear):
     """nn.Linear (the same parameters, names and maths) whose fp32 product on x86 CPUs, forward and input
-    gradient, runs oneDNN's kernel instead of MKL's: 5 % off the fp32 CPU training step on Zen 4 (BENCHMARKS.md),
+    gradient, runs oneDNN's kernel instead of MKL's: 2-10 % off the fp32 CPU training step on Zen 4 (BENCHMARKS.md),
     results equal up to rounding order. Autocast, other devices and dtypes, the compiler and non-contiguous inputs
-    take nn.Linear's path. False (on the class or one layer): always nn.Linear's path."""
+    take nn.Linear's path, and so does every input with `onednn_on_cpu = False` (on the class or on one layer)."""
     onednn_on_cpu = True
 
     def forward(self, x):
