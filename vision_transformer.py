@@ -156,9 +156,10 @@ class Linear(nn.Linear):
         return F.linear(x, self.weight, self.bias)
 
     def _onednn_suits(self, x):
-        return (self.onednn_on_cpu and _onednn_linear is not None and torch.backends.mkldnn.enabled
-                and x.device.type == "cpu" and x.dtype == torch.float32 and self.weight.dtype == torch.float32
-                and x.dim() >= 2 and x.numel() > 0 and x.is_contiguous() and not _compiling()
+        # the compiler first: traced, it reads no flag and leaves no graph break
+        return (not _compiling() and self.onednn_on_cpu and _onednn_linear is not None
+                and torch.backends.mkldnn.enabled and x.device.type == "cpu" and x.dtype == torch.float32
+                and self.weight.dtype == torch.float32 and x.dim() >= 2 and x.numel() > 0 and x.is_contiguous()
                 and _linear_output_dtype(x) == torch.float32)
 
 
