@@ -113,6 +113,26 @@ def _find_onednn_linear():
 
 
 _onednn_linear = _find_onednn_linear()
+_onednn_linear_checked = False
+
+
+def _onednn_linear_works():
+    """Whether the op exists and, checked once on a tiny product, takes these arguments and computes x W^T + b.
+    A torch whose private op differs warns once and keeps nn.Linear's path."""
+    global _onednn_linear, _onednn_linear_checked
+    if _onednn_linear is None or _onednn_linear_checked:
+        return _onednn_linear is not None
+    _onednn_linear_checked = True
+    x, weight, bias = torch.arange(6.).reshape(2, 3), torch.arange(12.).reshape(4, 3), torch.arange(4.)
+    try:
+        works = torch.equal(_onednn_linear(x, weight, bias, "none", [], ""), torch.addmm(bias, x, weight.t()))
+        problem = "other numbers than torch's"
+    except (RuntimeError, TypeError) as err:
+        works, problem = False, str(err).splitlines()[0] if str(err) else type(err).__name__
+    if not works:
+        _onednn_linear = None
+        warnings.warn(f"oneDNN's linear kernel is unusable in this torch ({problem}); the linear layers use torch's")
+    return works
 
 
 class _OneDnnLinearFunction(torch.autograd.Function):
@@ -148,26 +168,18 @@ class Linear(nn.Linear):
 
     def forward(self, x):
         if self._onednn_suits(x):
-            try:
-                out = _OneDnnLinearFunction.apply(x.reshape(-1, x.shape[-1]), self.weight, self.bias)
-                return out.reshape(*x.shape[:-1], out.shape[-1])
-            except (RuntimeError, TypeError) as err:  # an op of another signature in some torch build
-                _disable_onednn_linear(err)
+            out = _OneDnnLinearFunction.apply(x.reshape(-1, x.shape[-1]), self.weight, self.bias)
+            return out.reshape(*x.shape[:-1], out.shape[-1])
         return F.linear(x, self.weight, self.bias)
 
     def _onednn_suits(self, x):
-        # the compiler first: traced, it reads no flag and leaves no graph break
+        # the compiler first: traced, it reads no flag and leaves no graph break; a wrong input width gets
+        # nn.Linear's error
         return (not _compiling() and self.onednn_on_cpu and _onednn_linear is not None
                 and torch.backends.mkldnn.enabled and x.device.type == "cpu" and x.dtype == torch.float32
-                and self.weight.dtype == torch.float32 and x.dim() >= 2 and x.numel() > 0 and x.is_contiguous()
-                and _linear_output_dtype(x) == torch.float32)
-
-
-def _disable_onednn_linear(err):
-    global _onednn_linear
-    _onednn_linear = None
-    warnings.warn(f"oneDNN's linear kernel failed ({str(err).splitlines()[0] if str(err) else type(err).__name__}); "
-                  f"using torch's for the rest of the run")
+                and self.weight.dtype == torch.float32 and x.dim() >= 2 and x.shape[-1] == self.in_features
+                and x.numel() > 0 and x.is_contiguous() and _linear_output_dtype(x) == torch.float32
+                and _onednn_linear_works())
 
 
 class Mlp(nn.Module):

@@ -138,6 +138,7 @@ def test_onednn_linear_matches_nn_linear_in_fp32(one_thread, monkeypatch, bias, 
     calls = []
     kernel = vits._onednn_linear
     monkeypatch.setattr(vits, "_onednn_linear", lambda *a: calls.append(1) or kernel(*a))
+    monkeypatch.setattr(vits, "_onednn_linear_checked", True)  # count the layer's calls only
     torch.manual_seed(0)
     layer = vits.Linear(48, 96, bias=bias)
     plain = nn.Linear(48, 96, bias=bias)
@@ -161,6 +162,7 @@ def test_onednn_linear_is_used_only_where_it_suits(monkeypatch):
     and its exact numbers; a kernel that fails warns once and leaves the rest of the run on nn.Linear's path."""
     calls = []
     monkeypatch.setattr(vits, "_onednn_linear", lambda *a: calls.append(1) or torch.ops.mkldnn._linear_pointwise(*a))
+    monkeypatch.setattr(vits, "_onednn_linear_checked", True)
     torch.manual_seed(0)
     layer = vits.Linear(16, 8)
     x = torch.randn(5, 16)
@@ -183,13 +185,25 @@ def test_onednn_linear_is_used_only_where_it_suits(monkeypatch):
     assert plain_path(x)
 
     def failing(*args):
-        calls.append(1)
         raise RuntimeError("mkldnn::_linear_pointwise() Expected 6 arguments\nmore")
     monkeypatch.setattr(vits, "_onednn_linear", failing)
-    with pytest.warns(UserWarning, match="oneDNN's linear kernel failed .*Expected 6 arguments.*; using torch's"):
-        out = layer(x)
-    assert torch.equal(out, torch.nn.functional.linear(x, layer.weight, layer.bias))
-    assert vits._onednn_linear is None  # disabled for the rest of the run
+    monkeypatch.setattr(vits, "_onednn_linear_checked", False)
+    with pytest.warns(UserWarning, match="oneDNN's linear kernel is unusable in this torch .*Expected 6 arguments"):
+        assert plain_path(x)
+    assert vits._onednn_linear is None  # checked once: nn.Linear's path for the rest of the run
+    monkeypatch.setattr(vits, "_onednn_linear", lambda *a: torch.zeros(2, 4))  # wrong numbers
+    monkeypatch.setattr(vits, "_onednn_linear_checked", False)
+    with pytest.warns(UserWarning, match="unusable in this torch \\(other numbers than torch's\\)"):
+        assert plain_path(x)
+
+
+def test_onednn_linear_leaves_a_wrong_input_width_to_nn_linear(recwarn):
+    """A user's shape error is nn.Linear's own error, and does not turn oneDNN off or warn."""
+    layer = vits.Linear(16, 8)
+    with pytest.raises(RuntimeError, match="cannot be multiplied"):
+        layer(torch.randn(5, 12))
+    assert not [w for w in recwarn if "oneDNN" in str(w.message)]
+    assert vits._onednn_linear is vits._find_onednn_linear()
 
 
 def test_vision_transformer_linear_layers_are_vits_linear_under_the_reference_names():
