@@ -258,6 +258,13 @@ class PackageStep(object):
         return loss.detach()
 
 
+def uses_onednn_linear(side, key, accel):
+    """Whether the side's backbone computes its linear layers with oneDNN (vision_transformer.Linear): fp32 on
+    an x86 CPU whose torch has a working op; never A (the reference's form) or C (compiled)."""
+    return (key not in ("A", "C") and accel.kind == "cpu" and side.mode == "fp32" and vits.Linear.onednn_on_cpu
+            and torch.backends.mkldnn.enabled and vits._onednn_linear_works())
+
+
 def resolve_package_mode(args, accel):
     if args.precision != "auto":
         return args.precision
@@ -412,8 +419,7 @@ def bench_step(args, accel):
         side = sides[key]
         dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(side.mode, torch.float32)
         attention = "SDPA attention" if vits.Attention.sdpa_suits(accel.kind, dtype) else "explicit attention"
-        onednn = (", oneDNN linear layers" if accel.kind == "cpu" and side.mode == "fp32" and vits._onednn_linear
-                  and key != "C" else "")
+        onednn = ", oneDNN linear layers" if uses_onednn_linear(side, key, accel) else ""
         print(f"  {key} {side.name}: {side.mode}, {attention}{onednn}, last block for the class token, "
               f"drop path skips samples (CPU), weight-norm by output scaling (hand-written backward), DINOLoss matmul, "
               f"fused clip/EMA, {type(side.optimizer).__name__}({_optimizer_kind(side.optimizer)})"
@@ -487,7 +493,8 @@ def bench_step(args, accel):
                "patch_size": args.patch_size, "batch_size": args.batch_size, "out_dim": args.out_dim,
                "crops": sizes, "round_warmup": args.round_warmup, "compile": "C" in sides,
                "cuda_graph": "G" in sides, "step_gflop": flops / 1e9,
-               **{f"{k}_precision": sides[k].mode for k in keys}}
+               **{f"{k}_precision": sides[k].mode for k in keys},
+               **{f"{k}_onednn_linear": uses_onednn_linear(sides[k], k, accel) for k in keys}}
     print(f"  model FLOPs per step: {flops / 1e9:.1f} GFLOP")
     for key in keys:
         side = sides[key]

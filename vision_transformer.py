@@ -120,19 +120,38 @@ def _onednn_linear_works():
     """Whether the op exists and, checked once on a tiny product, takes these arguments and computes x W^T + b.
     A torch whose private op differs warns once and keeps nn.Linear's path."""
     global _onednn_linear, _onednn_linear_checked
-    if _onednn_linear is None or _onednn_linear_checked:
-        return _onednn_linear is not None
-    _onednn_linear_checked = True
-    x, weight, bias = torch.arange(6.).reshape(2, 3), torch.arange(12.).reshape(4, 3), torch.arange(4.)
+    op = _onednn_linear
+    if op is None or _onednn_linear_checked:
+        return op is not None
+    x = torch.arange(6, dtype=torch.float32).reshape(2, 3)
+    weight, bias = torch.arange(12, dtype=torch.float32).reshape(4, 3), torch.arange(4, dtype=torch.float32)
     try:
-        works = torch.equal(_onednn_linear(x, weight, bias, "none", [], ""), torch.addmm(bias, x, weight.t()))
+        works = torch.equal(op(x, weight, bias, "none", [], ""), torch.addmm(bias, x, weight.t()))
         problem = "other numbers than torch's"
     except (RuntimeError, TypeError) as err:
         works, problem = False, str(err).splitlines()[0] if str(err) else type(err).__name__
     if not works:
         _onednn_linear = None
         warnings.warn(f"oneDNN's linear kernel is unusable in this torch ({problem}); the linear layers use torch's")
+    _onednn_linear_checked = True  # last: a thread that sees it set finds the op, or None, final
     return works
+
+
+_fx_tracer = getattr(torch.fx, "_symbolic_trace", None)  # newer torch warns in is_fx_tracing, not here
+_is_fx_tracing = (getattr(_fx_tracer, "is_fx_symbolic_tracing", None) or getattr(_fx_tracer, "is_fx_tracing", None)
+                  or (lambda: False))
+
+
+def _plain_eager():
+    """No tracer, compiler, functorch transform or dispatch mode (FlopCounterMode, fake tensors) is watching:
+    they know nn.Linear's ops, not oneDNN's private one."""
+    if _compiling() or torch.jit.is_tracing() or torch.jit.is_scripting():
+        return False
+    transforms_active = getattr(torch._C, "_are_functorch_transforms_active", None)
+    if transforms_active is not None and transforms_active():
+        return False
+    current_mode = getattr(torch.utils._python_dispatch, "_get_current_dispatch_mode", None)
+    return current_mode is None or current_mode() is None
 
 
 class _OneDnnLinearFunction(torch.autograd.Function):
@@ -141,11 +160,13 @@ class _OneDnnLinearFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, bias):
-        ctx.save_for_backward(x, weight)
+        # what each gradient needs, as nn.Linear keeps: x for W's, W for x's
+        ctx.save_for_backward(x if ctx.needs_input_grad[1] else None, weight if ctx.needs_input_grad[0] else None)
         ctx.has_bias = bias is not None
         return _onednn_linear(x, weight, bias, "none", [], "")
 
     @staticmethod
+    @torch.autograd.function.once_differentiable  # oneDNN's op has no derivative: a double backward must fail
     def backward(ctx, grad):
         x, weight = ctx.saved_tensors
         grad = grad.contiguous()
@@ -162,8 +183,11 @@ class _OneDnnLinearFunction(torch.autograd.Function):
 class Linear(nn.Linear):
     """nn.Linear (the same parameters, names and maths) whose fp32 product on x86 CPUs, forward and input
     gradient, runs oneDNN's kernel instead of MKL's: 2-10 % off the fp32 CPU training step on Zen 4 (BENCHMARKS.md),
-    results equal up to rounding order. Autocast, other devices and dtypes, the compiler and non-contiguous inputs
-    take nn.Linear's path, and so does every input with `onednn_on_cpu = False` (on the class or on one layer)."""
+    results equal up to rounding order. Autocast, other devices and dtypes, non-contiguous inputs, tracing
+    (`torch.jit.trace`, `torch.onnx.export`, fx), `torch.compile`, `torch.func` transforms and dispatch modes
+    (FlopCounterMode) take nn.Linear's path, and so does every input with `onednn_on_cpu = False` (on the class
+    or on one layer). Code that selects layers by exact type, such as `quantize_dynamic(model, {nn.Linear})`,
+    must name this class too."""
     onednn_on_cpu = True
 
     def forward(self, x):
@@ -173,13 +197,13 @@ class Linear(nn.Linear):
         return F.linear(x, self.weight, self.bias)
 
     def _onednn_suits(self, x):
-        # the compiler first: traced, it reads no flag and leaves no graph break; a wrong input width gets
-        # nn.Linear's error
-        return (not _compiling() and self.onednn_on_cpu and _onednn_linear is not None
-                and torch.backends.mkldnn.enabled and x.device.type == "cpu" and x.dtype == torch.float32
-                and self.weight.dtype == torch.float32 and x.dim() >= 2 and x.shape[-1] == self.in_features
-                and x.numel() > 0 and x.is_contiguous() and _linear_output_dtype(x) == torch.float32
-                and _onednn_linear_works())
+        # fx's proxies before any look at x; other devices leave after three checks (a GPU step is host-bound);
+        # the compiler before any flag is read (no graph break); a wrong input width gets nn.Linear's error
+        return (self.onednn_on_cpu and _onednn_linear is not None and not _is_fx_tracing()
+                and x.device.type == "cpu" and x.dtype == torch.float32 and _plain_eager()
+                and torch.backends.mkldnn.enabled and self.weight.dtype == torch.float32 and x.dim() >= 2
+                and x.shape[-1] == self.in_features and x.numel() > 0 and x.is_contiguous()
+                and _linear_output_dtype(x) == torch.float32 and _onednn_linear_works())
 
 
 class Mlp(nn.Module):

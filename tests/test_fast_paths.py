@@ -197,6 +197,58 @@ def test_onednn_linear_is_used_only_where_it_suits(monkeypatch):
         assert plain_path(x)
 
 
+@pytest.mark.skipif(vits._onednn_linear is None, reason="oneDNN's linear kernel: x86 CPUs with torch's oneDNN")
+def test_onednn_linear_steps_aside_for_tracers_transforms_and_modes(monkeypatch):
+    """What watches the ops (jit and fx tracing, torch.func, FlopCounterMode) sees nn.Linear's ops and counts
+    nn.Linear's FLOPs; a double backward fails loudly instead of giving zero; the one-time check ignores the
+    default dtype."""
+    from torch.utils.flop_counter import FlopCounterMode
+    calls = []
+    kernel = vits._onednn_linear
+    monkeypatch.setattr(vits, "_onednn_linear", lambda *a: calls.append(1) or kernel(*a))
+    monkeypatch.setattr(vits, "_onednn_linear_checked", True)
+    torch.manual_seed(0)
+    mlp = vits.Mlp(16, 32)
+    x = torch.randn(3, 5, 16)
+    with torch.no_grad():
+        traced = torch.jit.trace(mlp, x, check_trace=False)  # the check would rerun the eager module
+    assert calls == [] and "aten::linear" in str(traced.inlined_graph) and "mkldnn" not in str(traced.inlined_graph)
+    torch.testing.assert_close(traced(x), mlp(x), rtol=1e-5, atol=1e-6)
+    graph_module = torch.fx.symbolic_trace(mlp)
+    torch.testing.assert_close(graph_module(x), mlp.forward(x), rtol=1e-5, atol=1e-6)
+    calls.clear()
+    per_sample = torch.func.vmap(mlp)(x)
+    assert calls == []
+    torch.testing.assert_close(per_sample, mlp(x), rtol=1e-5, atol=1e-6)
+
+    def counted_flops(model):
+        counter = FlopCounterMode(display=False)
+        inputs = x.clone().requires_grad_(True)
+        with counter:
+            model(inputs).sum().backward()
+        return counter.get_total_flops()
+    plain = copy.deepcopy(mlp)
+    for layer in (plain.fc1, plain.fc2):
+        layer.onednn_on_cpu = False
+    calls.clear()
+    assert counted_flops(mlp) == counted_flops(plain) > 0 and calls == []
+
+    inputs = x.clone().requires_grad_(True)
+    assert mlp(inputs) is not None and calls  # plain eager: oneDNN
+    (grad,) = torch.autograd.grad(mlp.fc1(inputs).pow(2).sum(), inputs, create_graph=True)
+    with pytest.raises(RuntimeError, match="once_differentiable|differentiate twice"):
+        grad.sum().backward()
+
+    monkeypatch.setattr(vits, "_onednn_linear", kernel)
+    monkeypatch.setattr(vits, "_onednn_linear_checked", False)
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    try:
+        assert vits._onednn_linear_works() and vits._onednn_linear is kernel
+    finally:
+        torch.set_default_dtype(default)
+
+
 def test_onednn_linear_leaves_a_wrong_input_width_to_nn_linear(recwarn):
     """A user's shape error is nn.Linear's own error, and does not turn oneDNN off or warn."""
     layer = vits.Linear(16, 8)
@@ -619,6 +671,9 @@ def test_benchmark_script_reports_both_sides(photos_dir, tmp_path):
     assert proc.returncode == 0, proc.stderr
     step, data = json.loads(out.read_text())
     assert step["what"] == "step" and step["A_precision"] == "fp32" and step["step_gflop"] > 0
+    assert step["A_onednn_linear"] is False  # the reference's nn.Linear path
+    assert step["B_onednn_linear"] is (vits._onednn_linear is not None)  # fp32 on this CPU
+    assert ("oneDNN linear layers" in proc.stdout) is step["B_onednn_linear"]
     for side in ("A", "B"):
         assert len(step[side]["img_s_rounds"]) == 2 and step[side]["img_s_median"] > 0
     assert step["ratio_median"] > 0 and "speed-up B/A" in proc.stdout
