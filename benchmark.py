@@ -19,8 +19,8 @@
     forward, the loss as a double loop over view pairs, per-parameter clipping and EMA loops with host syncs,
     AdamW without foreach, fp16 autocast with a GradScaler on GPUs and fp32 on CPUs) and B) as this package's
     trainer does (SDPA attention, explicit on CPUs in bf16, the last block for the class token only, on CPUs
-    the branches of the samples drop path keeps only and oneDNN's fp32 linear layers (x86), the head's outputs scaled (and the norm's gradient added in
-    place), the loss as one matmul, fused clipping and EMA, the fastest exact AdamW, the precision of
+    the branches of the samples drop path keeps only and oneDNN's fp32 linear layers (x86), the head's outputs
+    scaled (and the norm's gradient added in place), the loss as one matmul, fused clipping and EMA, the fastest exact AdamW, the precision of
     utils.resolve_precision_mode).
     Same initial weights, crops and batch; A and B alternate (A, B, A, B, ...), medians reported.
 --what data: images/s of one process (one core, no DataLoader) turning JPEG files into the multi-crop views:
@@ -259,10 +259,11 @@ class PackageStep(object):
 
 
 def uses_onednn_linear(side, key, accel):
-    """Whether the side's backbone computes its linear layers with oneDNN (vision_transformer.Linear): fp32 on
-    an x86 CPU whose torch has a working op; never A (the reference's form) or C (compiled)."""
-    return (key not in ("A", "C") and accel.kind == "cpu" and side.mode == "fp32" and vits.Linear.onednn_on_cpu
-            and torch.backends.mkldnn.enabled and vits._onednn_linear_works())
+    """Whether the side's backbone computes its linear layers with oneDNN: asks one of its layers
+    (vision_transformer.Linear) about an fp32 input on the side's device; a compiled side (C) never does."""
+    layer = next((m for m in side.student.modules() if isinstance(m, vits.Linear)), None)
+    return (key != "C" and side.mode == "fp32" and layer is not None
+            and layer._onednn_suits(torch.zeros(1, layer.in_features, device=accel.device)))
 
 
 def resolve_package_mode(args, accel):
