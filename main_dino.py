@@ -15,6 +15,7 @@
 """DINO pre-training (self-distillation with no labels) on NPU, GPU or CPU."""
 import argparse
 import datetime
+import itertools
 import json
 import math
 import os
@@ -806,6 +807,12 @@ class Trainer(object):
         args = self.args
         global_step = self.start_epoch * self.steps_per_epoch + self.start_step
         steps_this_run = max(self.total_steps - global_step, 0)
+        if steps_this_run == 0:
+            limit = (f"--num_steps {args.num_steps}" if self.total_steps < args.epochs * self.steps_per_epoch
+                     else f"--epochs {args.epochs}")
+            print(f"Nothing to train: the checkpoint in {args.output_dir} is at epoch {self.start_epoch}, step "
+                  f"{self.start_step}, which already reaches {limit}; raise it to train further")
+            return
         throughput = ThroughputMeter(self.accel, warmup_steps=min(3, max(steps_this_run - 1, 0)))
         start_time = time.time()
         if self.graphs_pending and steps_this_run > 0:
@@ -846,7 +853,11 @@ class Trainer(object):
         self.bad_images_epoch = 0
         self.pending_nonfinite = None
         steps_done_in_epoch = start_step
-        steps = metric_logger.log_every(self.loader, 10, header, total=self.steps_per_epoch, start_index=start_step)
+        # the loop ends by exhausting its iterable, not by a break, so that log_every prints the epoch's last
+        # line and total time (and no batch beyond --num_steps is fetched)
+        steps_here = max(min(self.steps_per_epoch - start_step, self.total_steps - global_step), 0)
+        steps = metric_logger.log_every(itertools.islice(self.loader, steps_here), 10, header,
+                                        total=self.steps_per_epoch, start_index=start_step)
         for it_in_epoch, (images, _, failed) in enumerate(steps, start=start_step):
             it = global_step
             for i, param_group in enumerate(self.optimizer.param_groups):
@@ -895,8 +906,6 @@ class Trainer(object):
                 throughput.pause()
                 self.save(epoch, it_in_epoch + 1)
                 throughput.resume()
-            if global_step >= self.total_steps:
-                break
         if self.pending_nonfinite is not None:
             self.stop_if_nonfinite(*self.pending_nonfinite)
         self.check_bad_image_rate(epoch, steps_done_in_epoch)

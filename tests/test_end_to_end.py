@@ -28,6 +28,9 @@ def test_training_on_digits_lowers_the_loss_and_improves_knn(tmp_path):
     first_loss = float(re.search(r"\[\s*0/\d+\].*?loss: ([0-9.]+)", trained.stdout).group(1))
     epochs = [json.loads(line) for line in (out / "log.txt").read_text().splitlines()]
     assert [e["epoch"] for e in epochs] == [0, 1, 2]
+    for epoch in range(3):  # every epoch's last progress line and total time, the last epoch's too
+        assert re.search(rf"Epoch: \[{epoch}/4\]\s+\[\s*9/10\]", trained.stdout), trained.stdout[-3000:]
+        assert f"Epoch: [{epoch}/4] Total time" in trained.stdout
     assert epochs[0]["train_loss"] < first_loss
     assert epochs[-1]["train_loss"] < 0.5 * epochs[0]["train_loss"]
     # so sharp a teacher on 160 images ends in one-hot collapse after the first epoch: the monitor says so, once

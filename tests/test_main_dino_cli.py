@@ -137,6 +137,13 @@ def test_synthetic_run_writes_a_reference_format_checkpoint_and_resumes(tmp_path
     steps = {int(state["step"]) for state in resumed["optimizer"]["state"].values()}
     assert steps == {6}  # the optimizer went on from its saved state (4 steps), not from scratch
     assert throughput(second.stdout) > 0
+    assert "Epoch: [0/100] Total time" in second.stdout  # an epoch cut short by --num_steps still ends its log
+
+    before = (out / "checkpoint.pth").stat().st_mtime_ns
+    third = run_py("main_dino.py", *SYNTHETIC, "--num_steps", "6", "--output_dir", out)
+    assert third.returncode == 0, third.stderr[-3000:]
+    assert "Nothing to train" in third.stdout and "--num_steps 6" in third.stdout
+    assert "Epoch: [" not in third.stdout and (out / "checkpoint.pth").stat().st_mtime_ns == before
 
 
 def test_checkpoints_that_cannot_resume_this_run(run_main, tmp_path):
