@@ -86,8 +86,8 @@ def validate_args(args):
     if not args.pretrained_weights and not args.random_weights:
         raise UserError("no --pretrained_weights given: pass a checkpoint file, or --random_weights to "
                         "evaluate an untrained network")
-    if args.pretrained_weights and not os.path.isfile(args.pretrained_weights):
-        raise UserError(f"--pretrained_weights: no such file: {args.pretrained_weights}")
+    if args.pretrained_weights:
+        utils.check_file_flag(args.pretrained_weights, "--pretrained_weights")
     if args.resize_size < 1 or args.crop_size < 1:
         raise UserError("--resize_size and --crop_size must be positive")
     if args.arch.replace("deit", "vit") in VIT_ARCHS and not 1 <= args.patch_size <= args.crop_size:

@@ -92,6 +92,11 @@ def validate_args(args):
     if args.linear_weights and not args.evaluate:
         raise UserError(f"--linear_weights {args.linear_weights} is read with --evaluate only (training starts a "
                         f"new head, or resumes from {os.path.join(args.output_dir, CHECKPOINT_NAME)})")
+    if args.pretrained_weights:
+        utils.check_file_flag(args.pretrained_weights, "--pretrained_weights")
+    if args.evaluate:
+        utils.check_file_flag(args.linear_weights or os.path.join(args.output_dir, CHECKPOINT_NAME),
+                              "--linear_weights" if args.linear_weights else "--evaluate (no --linear_weights)")
     if not os.path.isdir(args.data_path):
         raise UserError(f"--data_path is not a folder: {args.data_path}")
     for split in ("val",) if args.evaluate else ("train", "val"):
@@ -328,7 +333,8 @@ def evaluate_saved_head(args, accel, model, embed_dim):
 
 def eval_linear(args):
     validate_args(args)
-    utils.make_output_dir(args.output_dir)
+    if not args.evaluate:  # --evaluate writes nothing
+        utils.make_output_dir(args.output_dir)
     accel = utils.init_distributed_mode(args)
     accel.set_binary_mode(args.bin)
     print("git:\n  {}\n".format(utils.get_sha()))

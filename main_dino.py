@@ -97,7 +97,7 @@ def get_args_parser():
         of the teacher temperature. For most experiments, anything above 0.07 is unstable. We recommend
         starting with the default value of 0.04 and increase this slightly if needed.""")
     parser.add_argument('--warmup_teacher_temp_epochs', default=0, type=int,
-        help='Number of warmup epochs for the teacher temperature (Default: 30).')
+        help='Number of warmup epochs for the teacher temperature (Default: 0; the paper uses 30).')
 
     # Training/Optimization parameters
     parser.add_argument('--use_fp16', type=utils.bool_flag, default=True, help="""Whether or not
@@ -227,6 +227,8 @@ def validate_args(args):
         raise UserError("--saveckp_steps must be 0 or more")
     if args.num_workers < 0:
         raise UserError("--num_workers must be 0 or more")
+    if not args.synthetic:  # before the output folder is made and the settings are printed
+        check_data_path(args.data_path)
 
 
 # ============ data ============
@@ -436,11 +438,15 @@ def has_subfolders(folder):
         raise UserError(f"cannot read {folder}: {err.strerror or err}") from err
 
 
-def resolve_train_folder(data_path):
+def check_data_path(data_path):
     if not data_path or not os.path.exists(data_path):
         raise UserError(f"--data_path does not exist: {data_path}")
     if not os.path.isdir(data_path):
         raise UserError(f"--data_path is not a folder: {data_path}")
+
+
+def resolve_train_folder(data_path):
+    check_data_path(data_path)
     train = os.path.join(data_path, "train")
     # the ImageNet layout: train/ holds class folders; a class named "train" holds images
     if os.path.isdir(train) and has_subfolders(train):
@@ -712,7 +718,8 @@ class Trainer(object):
         self.start_epoch, self.start_step = 0, 0
         self.resume()
         self.bad_images_epoch = 0
-        self.collapse_monitor = CollapseMonitor(args.out_dim)
+        # random crops hold nothing to learn: a flat teacher there is no collapse
+        self.collapse_monitor = CollapseMonitor(args.out_dim, enabled=not args.synthetic)
         self._nan_hook_step = int(os.environ.get("DINO_TEST_NONFINITE_AT_STEP", "-1"))  # test-only
         self.pending_nonfinite = None  # (flag, loss, epoch, step) of the last step, checked one step late
 
@@ -971,9 +978,9 @@ class CollapseMonitor(object):
     Uniform collapse: the teacher output is flat, so the loss sits at ln(out_dim).
     One-hot collapse: one dimension dominates, so the teacher entropy goes to 0.
     """
-    def __init__(self, out_dim):
+    def __init__(self, out_dim, enabled=True):
         self.uniform_loss = math.log(out_dim)
-        self.warned = False
+        self.warned = not enabled
 
     def diagnose(self, loss, teacher_entropy):
         if loss is not None and abs(loss - self.uniform_loss) <= 0.01 * self.uniform_loss:

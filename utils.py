@@ -82,6 +82,8 @@ def run_cli(main, *args):
 
 def make_output_dir(path, flag="--output_dir"):
     """Creates an output folder before any long work, so that a bad path fails at once, in one line."""
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise UserError(f"{flag} {path} is a file, not a folder")
     try:
         os.makedirs(path, exist_ok=True)
     except OSError as err:
@@ -1632,11 +1634,21 @@ def _safe_globals():
     return allowed
 
 
+def check_file_flag(path, flag):
+    """A file named by a flag (a checkpoint, weights) exists and is no folder, or a UserError naming both."""
+    if os.path.isdir(path):
+        raise UserError(f"{flag}: {path} is a folder, not a checkpoint file")
+    if not os.path.isfile(path):
+        raise UserError(f"{flag}: no such file: {path}")
+
+
 def load_checkpoint_file(path, map_location="cpu"):
     """Loads a checkpoint without executing code from it (weights_only with an allow-list).
 
     Raises UserError for a missing, truncated, corrupt or unsafe file.
     """
+    if os.path.isdir(path):
+        raise UserError(f"{path} is a folder, not a checkpoint file")
     if not os.path.isfile(path):
         raise UserError(f"checkpoint not found: {path}")
     with open(path, "rb") as f:

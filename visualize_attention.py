@@ -82,6 +82,8 @@ def validate_args(args):
         raise UserError("--random_weights and --pretrained_weights exclude each other")
     if not args.random_weights and not args.pretrained_weights:
         raise UserError("no --pretrained_weights given (pass a checkpoint, or --random_weights to try the tool)")
+    if args.pretrained_weights:
+        utils.check_file_flag(args.pretrained_weights, "--pretrained_weights")
 
 
 def build_model(args, accel):

@@ -224,6 +224,8 @@ def error_cases(tmp_path, digits):
     return {
         "missing file": (["--pretrained_weights", str(tmp_path / "nope.pth"), "--data_path", digits],
                          ["nope.pth"]),
+        "a folder": (["--pretrained_weights", str(tmp_path), "--data_path", digits],
+                     ["is a folder, not a checkpoint file", str(tmp_path)]),
         "no val/": (["--pretrained_weights", ours, "--data_path", str(no_val)], ["val/", str(no_val)]),
         "no train/": (["--pretrained_weights", ours, "--data_path", str(no_train)], ["train/"]),
         "no dataset": (["--pretrained_weights", ours, "--data_path", str(tmp_path / "nowhere")], ["nowhere"]),

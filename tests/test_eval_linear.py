@@ -129,7 +129,10 @@ def test_features_and_accuracy():
      "exclude each other"),
     (["--data_path", "{tiny}", "--no_weights"], "--random_weights"),
     (["--data_path", "{tiny}", "--no_weights", "--pretrained_weights", "{tiny}/train/0/0000.png"], "0000.png"),
-    (["--data_path", "{tiny}", "--evaluate"], "checkpoint not found"),
+    (["--data_path", "{tiny}", "--evaluate"], "--evaluate (no --linear_weights): no such file"),
+    (["--data_path", "{tiny}", "--evaluate", "--linear_weights", "{tiny}"], "is a folder, not a checkpoint"),
+    (["--data_path", "{tiny}", "--no_weights", "--pretrained_weights", "{missing}"], "--pretrained_weights: no such"),
+    (["--data_path", "{tiny}", "--output_dir", "{a_file}"], "is a file, not a folder"),
     (["--data_path", "{tiny}", "--num_labels", "3"], "smaller than the 10 classes"),
     (["--data_path", "{tiny}", "--epochs", "0"], "--epochs"),
     (["--data_path", "{tiny}", "--output_dir", "{a_file}/out"], "cannot create --output_dir"),
@@ -147,6 +150,8 @@ def test_bad_input_is_one_line(tiny_digits, tmp_path, capsys, args, message):
     assert exit_info.value.code == 2
     lines = capsys.readouterr().err.strip().splitlines()
     assert len(lines) == 1 and message in lines[0], lines
+    if "classes" not in message:  # all but the class count (known once the data is read) come before any work
+        assert not (tmp_path / "out").exists()
 
 
 def test_unreadable_image_is_named(tiny_digits, tmp_path, capsys):

@@ -60,6 +60,12 @@ def test_missing_and_empty_data_paths(run_main, tmp_path):
     missing = tmp_path / "nope"
     code, err = run_main("--data_path", missing, "--output_dir", tmp_path / "o1", "--device", "cpu")
     assert_one_line_error(code, err, "does not exist", str(missing))
+    assert not (tmp_path / "o1").exists()  # checked before the output folder is made
+    a_file = tmp_path / "file.txt"
+    a_file.write_text("x")
+    code, err = run_main("--data_path", a_file, "--output_dir", tmp_path / "o0", "--device", "cpu")
+    assert_one_line_error(code, err, "not a folder", str(a_file))
+    assert not (tmp_path / "o0").exists()
     empty = tmp_path / "empty"
     empty.mkdir()
     code, err = run_main("--data_path", empty, "--output_dir", tmp_path / "o2", "--device", "cpu")
@@ -86,6 +92,9 @@ def test_output_dir_that_cannot_be_created(run_main, tmp_path):
     blocker.write_text("x")
     code, err = run_main("--synthetic", "--device", "cpu", "--output_dir", blocker / "sub")
     assert_one_line_error(code, err, "--output_dir", str(blocker / "sub"))
+    code, err = run_main("--synthetic", "--device", "cpu", "--output_dir", blocker)
+    assert_one_line_error(code, err, "--output_dir", str(blocker), "is a file, not a folder")
+    assert blocker.read_text() == "x"
 
 
 def test_help_needs_no_network():

@@ -381,11 +381,17 @@ def test_distributed_env_parsing():
     assert utils.distributed_env({"SLURM_PROCID": "0", "SLURM_NTASKS": "1"}) == (0, 1, 0)
 
 
-def test_collapse_monitor_diagnoses_both_collapses():
+def test_collapse_monitor_diagnoses_both_collapses(capsys):
     monitor = main_dino.CollapseMonitor(out_dim=256)
     assert monitor.diagnose(math.log(256) * 0.995, 5.0) == "uniform"
     assert monitor.diagnose(3.0, 0.01) == "one-hot"
     assert monitor.diagnose(4.0, 2.0) is None
+    flat = {"loss": math.log(256), "teacher_entropy": 5.0}
+    monitor.check(0, flat)
+    assert "collapse suspected at epoch 0 (uniform)" in capsys.readouterr().out
+    silent = main_dino.CollapseMonitor(out_dim=256, enabled=False)  # --synthetic: random crops
+    silent.check(0, flat)
+    assert "collapse" not in capsys.readouterr().out
 
 
 def test_parser_keeps_reference_flags_and_aliases():

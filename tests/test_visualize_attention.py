@@ -100,6 +100,8 @@ def test_colormap_runs_from_dark_to_bright():
     (["--image_path", "{photos}/missing.jpg", "--random_weights"], "does not exist"),
     (["--image_path", "{photos}"], "--pretrained_weights"),
     (["--image_path", "{photos}", "--pretrained_weights", "{photos}/astronaut.jpg"], "astronaut.jpg"),
+    (["--image_path", "{photos}", "--pretrained_weights", "{photos}/nope.pth"], "--pretrained_weights: no such"),
+    (["--image_path", "{photos}", "--pretrained_weights", "{photos}"], "is a folder, not a checkpoint file"),
     (["--image_path", "{photos}", "--random_weights", "--threshold", "1.5"], "--threshold"),
     (["--image_path", "{photos}", "--random_weights", "--image_size", "8"], "smaller than one"),
     (["--image_path", "{empty}", "--random_weights"], "no image files"),
