@@ -111,10 +111,12 @@ class ReturnIndexDataset(datasets.ImageFolder):
     """ImageFolder yielding (image, index, error): an unreadable file is reported, not a worker crash.
 
     extract_features also takes the reference's (image, index) items, so its other datasets keep working."""
-    def __init__(self, root, transform=None, blank_size=224, **image_folder_kwargs):
-        image_folder_kwargs.setdefault("loader", load_rgb)
+    def __init__(self, root, transform=None, *image_folder_args, blank_size=224, **image_folder_kwargs):
+        # ImageFolder's positional order (target_transform, loader, ...) as the reference's subclass
+        if len(image_folder_args) < 2:
+            image_folder_kwargs.setdefault("loader", load_rgb)
         try:
-            super().__init__(root, transform=transform, **image_folder_kwargs)
+            super().__init__(root, transform, *image_folder_args, **image_folder_kwargs)
         except (FileNotFoundError, RuntimeError) as err:
             raise UserError(f"no images found in {root}: expected class sub-folders holding image files "
                             f"({str(err).splitlines()[0]})") from err

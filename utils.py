@@ -1676,7 +1676,7 @@ def load_checkpoint_file(path, map_location="cpu"):
         raise UserError(f"{path} is not a readable checkpoint (truncated or corrupt?): {text}") from err
 
 
-def save_atomic(obj, path, **torch_save_kwargs):
+def save_atomic(obj, path, *torch_save_args, **torch_save_kwargs):
     """Writes to a temporary file in the same folder, fsyncs, then renames over `path`.
 
     A crash or a full disk during the save leaves the previous file intact.
@@ -1685,7 +1685,7 @@ def save_atomic(obj, path, **torch_save_kwargs):
     tmp = os.path.join(folder, f".{os.path.basename(path)}.tmp.{os.getpid()}")
     try:
         with open(tmp, "wb") as f:
-            torch.save(obj, f, **torch_save_kwargs)
+            torch.save(obj, f, *torch_save_args, **torch_save_kwargs)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -1720,14 +1720,14 @@ def remove_stale_temporaries(path):
             pass  # another user's live process
 
 
-def save_on_master(obj, f, **kwargs):
+def save_on_master(obj, f, *args, **kwargs):
     """torch.save on the main process only, as the reference; a path is written atomically (save_atomic)."""
     if not is_main_process():
         return
     if isinstance(f, (str, os.PathLike)):
-        save_atomic(obj, os.fspath(f), **kwargs)
+        save_atomic(obj, os.fspath(f), *args, **kwargs)
     else:
-        torch.save(obj, f, **kwargs)
+        torch.save(obj, f, *args, **kwargs)
 
 
 def strip_prefixes(state_dict, prefixes=("module.", "backbone.")):

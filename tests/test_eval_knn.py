@@ -7,6 +7,7 @@ import sys
 
 import pytest
 import torch
+from PIL import Image
 
 import eval_knn
 import utils
@@ -315,6 +316,10 @@ def test_extract_features_keeps_the_reference_contract(small_digits):
     assert dataset.target_transform(1) == 101
     image, index, error = dataset[3]
     assert index == 3 and error == "" and image.mode == "RGB"  # no transform: the PIL image
+    # ImageFolder's positional order, as the reference's subclass takes it: target_transform, then loader
+    positional = eval_knn.ReturnIndexDataset(val, None, lambda t: t + 7, lambda path: Image.new("L", (5, 3)))
+    assert positional.target_transform(1) == 8 and positional[0][0].size == (5, 3)
+    assert eval_knn.ReturnIndexDataset(val, None, None)[0][0].mode == "RGB"  # the default loader stays
 
 
 def test_multi_scale_averages_three_scales():

@@ -145,6 +145,19 @@ def test_save_on_master_takes_torch_saves_arguments(tmp_path):
     utils.save_on_master({"w": torch.arange(3)}, tmp_path / "a.pth", _use_new_zipfile_serialization=False)
     assert (tmp_path / "a.pth").read_bytes()[:1] == b"\x80"  # the legacy format asked for, not a zip archive
     assert torch.equal(utils.load_checkpoint_file(str(tmp_path / "a.pth"))["w"], torch.arange(3))
+    import pickle
+    import types
+    used = []
+
+    class RecordingPickler(pickle.Pickler):
+        def __init__(self, file, protocol=None, **kwargs):
+            used.append(protocol)
+            super().__init__(file, protocol, **kwargs)
+    recording = types.SimpleNamespace(**{**vars(pickle), "Pickler": RecordingPickler})
+    utils.save_on_master({"w": torch.arange(2)}, tmp_path / "b.pth", recording, 2)  # torch.save's positionals
+    assert used == [2]
+    assert torch.equal(utils.load_checkpoint_file(str(tmp_path / "b.pth"))["w"], torch.arange(2))
+    (tmp_path / "b.pth").unlink()
     buffer = io.BytesIO()
     utils.save_on_master({"w": torch.ones(2)}, buffer)
     buffer.seek(0)
