@@ -25,6 +25,7 @@ import importlib
 import inspect
 import math
 import os
+import pickle
 import random
 import re
 import shutil
@@ -1634,6 +1635,41 @@ def _safe_globals():
     return allowed
 
 
+def _allowed_global(module, name):
+    """The allow-list of _safe_globals by name, plus what torch's own safe load allows for tensors."""
+    if (module, name) in {("collections", "OrderedDict"), ("collections", "Counter"), ("argparse", "Namespace"),
+                          ("_codecs", "encode"), ("torch", "Size"), ("torch", "device"), ("torch", "Tensor"),
+                          ("torch.nn.parameter", "Parameter"), ("numpy", "dtype"), ("numpy", "ndarray")}:
+        return True
+    if module == "torch._utils":
+        return name in ("_rebuild_tensor", "_rebuild_tensor_v2", "_rebuild_tensor_v3", "_rebuild_parameter",
+                        "_rebuild_parameter_with_state", "_rebuild_meta_tensor_no_storage")
+    if module in ("numpy.core.multiarray", "numpy._core.multiarray"):
+        return name in ("scalar", "_reconstruct")
+    if module == "numpy.dtypes":
+        return name.endswith("DType")
+    if module.split(".")[0] == "torch" and name.endswith("Storage"):
+        return True
+    return module == "torch" and isinstance(getattr(torch, name, None), torch.dtype)
+
+
+class _AllowListUnpickler(pickle.Unpickler):
+    def find_class(self, module, name):
+        if _allowed_global(module, name):
+            return super().find_class(module, name)
+        raise pickle.UnpicklingError(f"unsupported GLOBAL {module}.{name}")
+
+
+def _allow_list_pickle_module():
+    """pickle whose unpickler refuses every global outside the allow-list, for torch.load(pickle_module=...)."""
+    import types
+    module = types.ModuleType("allow_list_pickle")
+    module.__dict__.update({k: v for k, v in vars(pickle).items() if not k.startswith("__")})
+    module.Unpickler = _AllowListUnpickler
+    module.load = lambda file, **kwargs: _AllowListUnpickler(file, **kwargs).load()
+    return module
+
+
 def check_file_flag(path, flag):
     """A file named by a flag (a checkpoint, weights) exists and is no folder, or a UserError naming both."""
     if os.path.isdir(path):
@@ -1657,10 +1693,13 @@ def load_checkpoint_file(path, map_location="cpu"):
     if not (head.startswith(b"PK\x03\x04") or head[:1] == b"\x80"):
         raise UserError(f"{path} is not a PyTorch checkpoint (neither a torch.save archive nor a pickle)")
     add = getattr(torch.serialization, "safe_globals", None)
-    ctx = add(_safe_globals()) if add is not None else contextlib.nullcontext()
+    if add is not None:
+        ctx, options = add(_safe_globals()), dict(weights_only=True)
+    else:  # torch < 2.5 cannot be told that reference checkpoints hold a Namespace: the same list, checked here
+        ctx, options = contextlib.nullcontext(), dict(weights_only=False, pickle_module=_allow_list_pickle_module())
     try:
         with ctx:
-            return torch.load(path, map_location=map_location, weights_only=True)
+            return torch.load(path, map_location=map_location, **options)
     except TypeError as err:
         if "weights_only" in str(err):
             raise UserError(f"loading {path} safely needs torch >= 1.13 (weights_only)") from err
