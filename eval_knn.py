@@ -27,7 +27,7 @@ from torchvision import datasets
 from torchvision import transforms as pth_transforms
 
 import utils
-from main_dino import VIT_ARCHS, OneLineErrorParser, add_process_args, build_backbone, load_rgb
+from main_dino import VIT_ARCHS, OneLineErrorParser, add_process_args, build_backbone, check_arch, load_rgb
 from utils import UserError
 
 FEATURE_FILES = ("trainfeat.pth", "testfeat.pth", "trainlabels.pth", "testlabels.pth")
@@ -88,6 +88,7 @@ def validate_args(args):
                         "evaluate an untrained network")
     if args.pretrained_weights:
         utils.check_file_flag(args.pretrained_weights, "--pretrained_weights")
+    check_arch(args.arch)
     if args.resize_size < 1 or args.crop_size < 1:
         raise UserError("--resize_size and --crop_size must be positive")
     if args.arch.replace("deit", "vit") in VIT_ARCHS and not 1 <= args.patch_size <= args.crop_size:
@@ -153,8 +154,8 @@ def build_datasets(args):
         pth_transforms.ToTensor(),
         pth_transforms.Normalize((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),
     ])
-    dataset_train = ReturnIndexDataset(train_dir, transform, args.crop_size)
-    dataset_val = ReturnIndexDataset(val_dir, transform, args.crop_size)
+    dataset_train = ReturnIndexDataset(train_dir, transform, blank_size=args.crop_size)
+    dataset_val = ReturnIndexDataset(val_dir, transform, blank_size=args.crop_size)
     use_class_indices(dataset_val, dataset_train.class_to_idx, val_dir)
     return dataset_train, dataset_val
 

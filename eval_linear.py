@@ -82,6 +82,7 @@ def validate_args(args):
             raise UserError(f"--{name} must be at least 1 (got {getattr(args, name)})")
     if args.num_workers < 0:
         raise UserError(f"--num_workers must not be negative (got {args.num_workers})")
+    eval_knn.check_arch(args.arch)
     if args.num_labels is not None and args.num_labels < 1:
         raise UserError(f"--num_labels must be at least 1 (got {args.num_labels})")
     if args.random_weights and args.pretrained_weights:

@@ -58,6 +58,13 @@ def unknown_arch(arch):
     return UserError(f"unknown --arch {arch!r}: use {', '.join(VIT_ARCHS)} or a torchvision model such as resnet50")
 
 
+def check_arch(arch):
+    """An --arch that build_backbone knows by name (XCiT's own error comes from build_backbone)."""
+    name = arch.replace("deit", "vit")
+    if name not in VIT_ARCHS and name not in torchvision_archs and not name.startswith("xcit"):
+        raise unknown_arch(arch)
+
+
 class OneLineErrorParser(argparse.ArgumentParser):
     """argparse, but a bad flag is reported on one line (no usage dump)."""
     def error(self, message):
@@ -189,9 +196,7 @@ def add_process_args(parser):
 
 def validate_args(args):
     """Rejects impossible settings before any work starts."""
-    arch = args.arch.replace("deit", "vit")
-    if arch not in VIT_ARCHS and arch not in torchvision_archs and not arch.startswith("xcit"):
-        raise unknown_arch(args.arch)
+    check_arch(args.arch)
     if args.batch_size_per_gpu < 1:
         raise UserError(f"--batch_size_per_gpu must be at least 1 (got {args.batch_size_per_gpu})")
     if args.epochs < 1:

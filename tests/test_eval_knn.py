@@ -225,6 +225,7 @@ def error_cases(tmp_path, digits):
     return {
         "missing file": (["--pretrained_weights", str(tmp_path / "nope.pth"), "--data_path", digits],
                          ["nope.pth"]),
+        "typo in --arch": (["--random_weights", "--data_path", digits, "--arch", "vit_smal"], ["'vit_smal'"]),
         "a folder": (["--pretrained_weights", str(tmp_path), "--data_path", digits],
                      ["is a folder, not a checkpoint file", str(tmp_path)]),
         "no val/": (["--pretrained_weights", ours, "--data_path", str(no_val)], ["val/", str(no_val)]),

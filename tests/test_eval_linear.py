@@ -135,6 +135,7 @@ def test_features_and_accuracy():
     (["--data_path", "{tiny}", "--output_dir", "{a_file}"], "is a file, not a folder"),
     (["--data_path", "{tiny}", "--num_labels", "3"], "smaller than the 10 classes"),
     (["--data_path", "{tiny}", "--epochs", "0"], "--epochs"),
+    (["--data_path", "{tiny}", "--arch", "vit_smal"], "unknown --arch 'vit_smal'"),
     (["--data_path", "{tiny}", "--output_dir", "{a_file}/out"], "cannot create --output_dir"),
     (["--data_path", "{tiny}", "--linear_weights", "{a_file}"], "with --evaluate only"),
 ])
