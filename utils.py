@@ -1823,7 +1823,10 @@ def load_pretrained_weights(model, pretrained_weights, checkpoint_key, model_nam
     if not isinstance(state, dict) or not state or not all(torch.is_tensor(v) for v in state.values()):
         raise UserError(f"{pretrained_weights} does not hold a state dict of tensors")
     state = strip_prefixes(state)
-    state = {k: v for k, v in state.items() if not k.startswith("head.")}
+    # a classifier the backbone no longer has (a head, or a torchvision fc replaced by Identity, as the
+    # reference does) has nowhere to go: left out, as the reference's non-strict load leaves it
+    dropped = ("head.", "fc.") if isinstance(getattr(model, "fc", None), nn.Identity) else ("head.",)
+    state = {k: v for k, v in state.items() if not k.startswith(dropped)}
     expected = model.state_dict()
     missing = sorted(set(expected) - set(state))
     unexpected = sorted(set(state) - set(expected))

@@ -399,3 +399,20 @@ def test_reduce_dict_sums_or_averages_over_processes(monkeypatch):
     averaged = utils.reduce_dict(values)
     assert list(averaged) == ["acc", "loss"] and averaged["loss"].item() == 3.0
     assert utils.reduce_dict(values, average=False)["acc"].item() == 1.0
+
+
+def test_a_released_convnet_file_with_its_classifier_loads_into_the_backbone(tmp_path):
+    """The backbone's fc is an Identity (as the reference makes it): the file's fc weights are left out, as the
+    reference's non-strict load leaves them; every other key is still checked."""
+    import torchvision
+    torch.manual_seed(0)
+    full = torchvision.models.resnet18(num_classes=10)
+    torch.save(full.state_dict(), tmp_path / "released.pth")
+    backbone = torchvision.models.resnet18()
+    backbone.fc = torch.nn.Identity()
+    utils.load_pretrained_weights(backbone, str(tmp_path / "released.pth"), "teacher", "resnet18")
+    assert torch.equal(backbone.conv1.weight, full.conv1.weight)
+    broken = {k: v for k, v in full.state_dict().items() if k != "layer1.0.conv1.weight"}
+    torch.save(broken, tmp_path / "broken.pth")
+    with pytest.raises(utils.UserError, match="missing keys: layer1.0.conv1.weight"):
+        utils.load_pretrained_weights(backbone, str(tmp_path / "broken.pth"), "teacher", "resnet18")
