@@ -868,8 +868,10 @@ class Trainer(object):
         # the loop ends by exhausting its iterable, not by a break, so that log_every prints the epoch's last
         # line and total time (and no batch beyond --num_steps is fetched)
         steps_here = max(min(self.steps_per_epoch - start_step, self.total_steps - global_step), 0)
-        steps = metric_logger.log_every(itertools.islice(self.loader, steps_here), 10, header,
-                                        total=self.steps_per_epoch, start_index=start_step)
+
+        def batches():  # the loader's iterator (its workers' start) inside log_every's clock, as before
+            yield from itertools.islice(self.loader, steps_here)
+        steps = metric_logger.log_every(batches(), 10, header, total=self.steps_per_epoch, start_index=start_step)
         for it_in_epoch, (images, _, failed) in enumerate(steps, start=start_step):
             it = global_step
             for i, param_group in enumerate(self.optimizer.param_groups):

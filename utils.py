@@ -25,7 +25,6 @@ import importlib
 import inspect
 import math
 import os
-import pickle
 import random
 import re
 import shutil
@@ -929,18 +928,25 @@ class MetricLogger(object):
             parts.append('max mem: {memory:.0f}')
         log_msg = self.delimiter.join(parts)
         i = start_index
+        printed = True
+
+        def print_line(i):
+            eta = str(datetime.timedelta(seconds=int(iter_time.global_avg * (total - i))))
+            fields = dict(eta=eta, meters=str(self), time=str(iter_time), data=str(data_time))
+            if self.max_memory_fn is not None:
+                fields["memory"] = self.max_memory_fn()
+            print(log_msg.format(i, total, **fields))
         for obj in iterable:
             data_time.update(time.time() - end)
             yield obj
             iter_time.update(time.time() - end)
-            if i % print_freq == 0 or i == total - 1:
-                eta = str(datetime.timedelta(seconds=int(iter_time.global_avg * (total - i))))
-                fields = dict(eta=eta, meters=str(self), time=str(iter_time), data=str(data_time))
-                if self.max_memory_fn is not None:
-                    fields["memory"] = self.max_memory_fn()
-                print(log_msg.format(i, total, **fields))
+            printed = i % print_freq == 0 or i == total - 1
+            if printed:
+                print_line(i)
             i += 1
             end = time.time()
+        if not printed:  # an iterable that ended early (--num_steps) still logs its last step
+            print_line(i - 1)
         done = max(i - start_index, 1)
         total_time = time.time() - start_time
         print('{} Total time: {} ({:.6f} s / it)'.format(
@@ -1635,41 +1641,6 @@ def _safe_globals():
     return allowed
 
 
-def _allowed_global(module, name):
-    """The allow-list of _safe_globals by name, plus what torch's own safe load allows for tensors."""
-    if (module, name) in {("collections", "OrderedDict"), ("collections", "Counter"), ("argparse", "Namespace"),
-                          ("_codecs", "encode"), ("torch", "Size"), ("torch", "device"), ("torch", "Tensor"),
-                          ("torch.nn.parameter", "Parameter"), ("numpy", "dtype"), ("numpy", "ndarray")}:
-        return True
-    if module == "torch._utils":
-        return name in ("_rebuild_tensor", "_rebuild_tensor_v2", "_rebuild_tensor_v3", "_rebuild_parameter",
-                        "_rebuild_parameter_with_state", "_rebuild_meta_tensor_no_storage")
-    if module in ("numpy.core.multiarray", "numpy._core.multiarray"):
-        return name in ("scalar", "_reconstruct")
-    if module == "numpy.dtypes":
-        return name.endswith("DType")
-    if module.split(".")[0] == "torch" and name.endswith("Storage"):
-        return True
-    return module == "torch" and isinstance(getattr(torch, name, None), torch.dtype)
-
-
-class _AllowListUnpickler(pickle.Unpickler):
-    def find_class(self, module, name):
-        if _allowed_global(module, name):
-            return super().find_class(module, name)
-        raise pickle.UnpicklingError(f"unsupported GLOBAL {module}.{name}")
-
-
-def _allow_list_pickle_module():
-    """pickle whose unpickler refuses every global outside the allow-list, for torch.load(pickle_module=...)."""
-    import types
-    module = types.ModuleType("allow_list_pickle")
-    module.__dict__.update({k: v for k, v in vars(pickle).items() if not k.startswith("__")})
-    module.Unpickler = _AllowListUnpickler
-    module.load = lambda file, **kwargs: _AllowListUnpickler(file, **kwargs).load()
-    return module
-
-
 def check_file_flag(path, flag):
     """A file named by a flag (a checkpoint, weights) exists and is no folder, or a UserError naming both."""
     if os.path.isdir(path):
@@ -1692,14 +1663,13 @@ def load_checkpoint_file(path, map_location="cpu"):
     # torch.save writes a zip archive, or a bare pickle with the legacy format
     if not (head.startswith(b"PK\x03\x04") or head[:1] == b"\x80"):
         raise UserError(f"{path} is not a PyTorch checkpoint (neither a torch.save archive nor a pickle)")
-    add = getattr(torch.serialization, "safe_globals", None)
-    if add is not None:
-        ctx, options = add(_safe_globals()), dict(weights_only=True)
-    else:  # torch < 2.5 cannot be told that reference checkpoints hold a Namespace: the same list, checked here
-        ctx, options = contextlib.nullcontext(), dict(weights_only=False, pickle_module=_allow_list_pickle_module())
+    scoped = getattr(torch.serialization, "safe_globals", None)  # torch >= 2.5
+    register = getattr(torch.serialization, "add_safe_globals", None)  # torch >= 2.4, process-wide
+    if scoped is None and register is not None:
+        register(_safe_globals())
     try:
-        with ctx:
-            return torch.load(path, map_location=map_location, **options)
+        with scoped(_safe_globals()) if scoped is not None else contextlib.nullcontext():
+            return torch.load(path, map_location=map_location, weights_only=True)
     except TypeError as err:
         if "weights_only" in str(err):
             raise UserError(f"loading {path} safely needs torch >= 1.13 (weights_only)") from err
@@ -1709,6 +1679,10 @@ def load_checkpoint_file(path, map_location="cpu"):
         unsafe = re.search(r"(?:global: |unsupported )GLOBAL ([\w.]+)", str(err))
         if unsafe:
             text = f"it names {unsafe.group(1)}"
+        if scoped is None and register is None and re.search(r"argparse\.Namespace|numpy", str(err)):
+            # the package's own checkpoints need no allow-list; the reference's pickle its args as a Namespace
+            raise UserError(f"{path} holds argparse or numpy objects (as reference checkpoints do), which torch "
+                            f"{torch.__version__} cannot load safely: load it with torch >= 2.4") from err
         if "weights_only" in str(err) or unsafe or "GLOBAL" in str(err):
             raise UserError(f"refusing to load {path}: it asks to run code or build objects that are not "
                             f"plain tensors and numbers ({text})") from err

@@ -12,7 +12,6 @@ import time
 import numpy as np
 import pytest
 import torch
-import torch.nn as nn
 from PIL import Image
 
 import utils
@@ -223,39 +222,51 @@ def test_reference_style_checkpoint_with_namespace_and_numpy_scalars_loads(tmp_p
     assert ckpt["args"].arch == "vit_small" and int(ckpt["epoch"]) == 100 and float(ckpt["loss"]) == 2.5
 
 
-@pytest.mark.parametrize("legacy_format", [False, True])
-def test_checkpoints_load_safely_where_torch_cannot_extend_its_allow_list(tmp_path, monkeypatch, legacy_format):
-    """torch 1.13-2.4 has no torch.serialization.safe_globals: the package's own allow-list unpickler reads
-    reference checkpoints (a Namespace, numpy scalars, parameters, an OrderedDict) and still refuses code."""
-    import collections
-    monkeypatch.delattr(torch.serialization, "safe_globals")
-    save = {"_use_new_zipfile_serialization": not legacy_format}
-    state = collections.OrderedDict(w=torch.arange(6.).reshape(2, 3), b=nn.Parameter(torch.ones(2)),
-                                     h=torch.zeros(2, dtype=torch.float16))
-    if not legacy_format:  # torch's legacy format has no storage for these (its own limit)
-        state["u"] = torch.tensor([1, 2], dtype=torch.uint32)
+def save_reference_style(path, marker=None):
     torch.save({"args": argparse.Namespace(arch="vit_small", global_crops_scale=(0.4, 1.0)),
-                "epoch": np.int64(100), "loss": np.float64(2.5), "teacher": state,
-                "sizes": torch.Size([3, 4]), "table": np.arange(3, dtype=np.float32)}, tmp_path / "ref.pth", **save)
-    ckpt = utils.load_checkpoint_file(str(tmp_path / "ref.pth"))
-    assert ckpt["args"].arch == "vit_small" and int(ckpt["epoch"]) == 100 and float(ckpt["loss"]) == 2.5
-    assert torch.equal(ckpt["teacher"]["w"], state["w"]) and torch.equal(ckpt["teacher"]["b"], state["b"])
-    assert ckpt["teacher"]["h"].dtype == torch.float16 and ckpt["sizes"] == (3, 4)
-    assert ckpt["teacher"].keys() == state.keys()
-    assert all(torch.equal(ckpt["teacher"][k], state[k]) for k in state)
-    assert np.array_equal(ckpt["table"], np.arange(3, dtype=np.float32))
+                "epoch": np.int64(100), "teacher": {"w": torch.ones(2)}}, path)
+    if marker is not None:
+        torch.save({"student": _Evil(marker)}, path.with_name("evil.pth"))
 
+
+def test_torch_2_4_registers_the_allow_list_for_reference_checkpoints(tmp_path, monkeypatch):
+    """torch 2.4 has add_safe_globals (process-wide) but not the scoped safe_globals of 2.5."""
+    monkeypatch.delattr(torch.serialization, "safe_globals")
+    registered = []
+    real_register = torch.serialization.add_safe_globals
+    monkeypatch.setattr(torch.serialization, "add_safe_globals",
+                        lambda entries: (registered.extend(entries), real_register(entries)))
+    try:
+        marker = tmp_path / "pwned"
+        save_reference_style(tmp_path / "ref.pth", marker)
+        ckpt = utils.load_checkpoint_file(str(tmp_path / "ref.pth"))
+        assert ckpt["args"].arch == "vit_small" and int(ckpt["epoch"]) == 100
+        assert argparse.Namespace in registered
+        with pytest.raises(utils.UserError, match="refusing to load"):
+            utils.load_checkpoint_file(str(tmp_path / "evil.pth"))
+        assert not marker.exists()
+    finally:
+        torch.serialization.clear_safe_globals()
+
+
+def test_torch_before_2_4_refuses_reference_checkpoints_with_the_version_to_use(tmp_path, monkeypatch):
+    """torch 1.13-2.3 cannot be told that a Namespace is safe: a clear message, and code is still refused."""
+    monkeypatch.delattr(torch.serialization, "safe_globals")
+    monkeypatch.delattr(torch.serialization, "add_safe_globals")
     marker = tmp_path / "pwned"
-    torch.save({"student": _Evil(marker)}, tmp_path / "evil.pth", **save)
-    with pytest.raises(utils.UserError, match=r"refusing to load .*evil.pth.*(posix|os)\.system"):
+    save_reference_style(tmp_path / "ref.pth", marker)
+    with pytest.raises(utils.UserError, match=r"ref.pth holds argparse or numpy objects .* torch >= 2.4"):
+        utils.load_checkpoint_file(str(tmp_path / "ref.pth"))
+    with pytest.raises(utils.UserError, match="refusing to load"):
         utils.load_checkpoint_file(str(tmp_path / "evil.pth"))
     assert not marker.exists()
 
 
 def test_a_run_resumes_where_torch_cannot_extend_its_allow_list(tmp_path, monkeypatch):
-    """The package's own checkpoint (optimizer state, random states) through the same unpickler."""
+    """The package's own checkpoints (args as a dict, optimizer and random states) need no allow-list."""
     import main_dino
     monkeypatch.delattr(torch.serialization, "safe_globals")
+    monkeypatch.delattr(torch.serialization, "add_safe_globals")
     run = ["--synthetic", *TINY_TRAIN_ARGS, "--batch_size_per_gpu", "2", "--output_dir", str(tmp_path)]
     main_dino.main(run + ["--num_steps", "1"])
     main_dino.main(run + ["--num_steps", "2"])

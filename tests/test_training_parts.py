@@ -1,5 +1,6 @@
 """Pieces of the trainer: schedules, crops, multi-crop grouping, parameter groups, devices, precision."""
 import math
+import re
 import os
 
 import numpy as np
@@ -464,3 +465,16 @@ def test_reference_train_one_epoch_signature_trains_as_the_reference_loop():
     key = "backbone.blocks.0.attn.qkv.weight"
     moved = (teacher.state_dict()[key] - teacher_before[key]).norm()
     assert 0 < moved < (after[key] - teacher_before[key]).norm()
+
+
+def test_log_every_prints_the_last_step_of_an_iterable_that_ends_early(capsys):
+    logger = utils.MetricLogger(delimiter="  ")
+    for _ in logger.log_every(iter(range(3)), 10, "Epoch: [0/1]", total=100, start_index=4):
+        pass
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert [re.search(r"\[\s*(\d+)/100\]", line).group(1) for line in lines[:-1]] == ["6"]
+    assert lines[-1].startswith("Epoch: [0/1] Total time")
+    for _ in logger.log_every(list(range(12)), 10, "h"):  # a whole pass: steps 0, 10 and the last, 11
+        pass
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert [re.search(r"\[\s*(\d+)/12\]", line).group(1) for line in lines[:-1]] == ["0", "10", "11"]
