@@ -444,10 +444,14 @@ def has_subfolders(folder):
 
 
 def check_data_path(data_path):
+    """What can be told without scanning the images: the folder exists and has class sub-folders."""
     if not data_path or not os.path.exists(data_path):
         raise UserError(f"--data_path does not exist: {data_path}")
     if not os.path.isdir(data_path):
         raise UserError(f"--data_path is not a folder: {data_path}")
+    if not has_subfolders(data_path):
+        raise UserError(f"no images found in {data_path}: expected class sub-folders holding image files "
+                        f"(it has no sub-folders)")
 
 
 def resolve_train_folder(data_path):

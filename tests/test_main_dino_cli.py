@@ -70,6 +70,7 @@ def test_missing_and_empty_data_paths(run_main, tmp_path):
     empty.mkdir()
     code, err = run_main("--data_path", empty, "--output_dir", tmp_path / "o2", "--device", "cpu")
     assert_one_line_error(code, err, "no images", str(empty))
+    assert not (tmp_path / "o2").exists()
     no_images = tmp_path / "noimg" / "cls"
     no_images.mkdir(parents=True)
     (no_images / "readme.txt").write_text("not an image")
