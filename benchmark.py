@@ -20,8 +20,8 @@
     AdamW without foreach, fp16 autocast with a GradScaler on GPUs and fp32 on CPUs) and B) as this package's
     trainer does (SDPA attention, explicit on CPUs in bf16, the last block for the class token only, on CPUs
     the branches of the samples drop path keeps only and oneDNN's fp32 linear layers (x86), the head's outputs
-    scaled (and the norm's gradient added in place), the loss as one matmul, fused clipping and EMA, the fastest exact AdamW, the precision of
-    utils.resolve_precision_mode).
+    scaled (and the norm's gradient added in place), the loss as one matmul, fused clipping and EMA, the fastest
+    exact AdamW, the precision of utils.resolve_precision_mode).
     Same initial weights, crops and batch; A and B alternate (A, B, A, B, ...), medians reported.
 --what data: images/s of one process (one core, no DataLoader) turning JPEG files into the multi-crop views:
     the reference's augmentation, the same inside the seeding wrapper main_dino.MultiCropDataset, and the

@@ -831,7 +831,7 @@ class Trainer(object):
             return
         throughput = ThroughputMeter(self.accel, warmup_steps=min(3, max(steps_this_run - 1, 0)))
         start_time = time.time()
-        if self.graphs_pending and steps_this_run > 0:
+        if self.graphs_pending:
             self.capture_graphs()
         print("Starting DINO training !")
         for epoch in range(self.start_epoch, args.epochs):
